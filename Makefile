@@ -1,0 +1,45 @@
+# Every target sets up .venv first if needed (idempotent: a second run installs nothing).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The small CPU build of torch where it can be had (a file on this project's machines); set
+# TORCH_SPEC / TORCH_PIP_ARGS to bring your own build, e.g. a CUDA one.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+
+.PHONY: help setup train test lint format tensorboard clean
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)" \
+		|| $(PY) -m pip install $(TORCH_PIP_ARGS) torch
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install the project (once)
+
+train: $(STAMP)  ## run the default experiment: trained net vs random features, d=32
+	$(PY) train.py -m model=trainable,frozen
+
+test: $(STAMP)  ## lint, then the whole test suite (slow end-to-end tests included)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest
+
+lint: $(STAMP)  ## ruff check and format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)  ## ruff format and autofix
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+tensorboard: $(STAMP)  ## open TensorBoard on every run under outputs/
+	$(VENV)/bin/tensorboard --logdir outputs
+
+clean:  ## remove the virtual environment and caches (outputs/ is kept)
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

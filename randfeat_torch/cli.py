@@ -1,0 +1,66 @@
+"""Hydra entry point: compose the config, train, print one summary line, map errors to exit codes.
+
+``train.py`` at the top level and the ``randfeat-train`` console script both call :func:`run`.
+A bad config value exits with status 2 and one sentence on stderr, before any work is done.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from randfeat_torch.config import ConfigError, validate
+from randfeat_torch.trainer import RunResult, train
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def summary_line(cfg: DictConfig, result: RunResult) -> str:
+    """One readable line: model, target, d, width, final error, time, where the outputs are."""
+    errors = result.metrics["test_error"].tolist()
+    error = (
+        f"{errors[0]:.4g}"
+        if len(errors) == 1
+        else "[" + ", ".join(f"{e:.4g}" for e in errors) + "]"
+    )
+    return (
+        f"[{result.status}] {cfg.model.name} on {cfg.target.name}: d={cfg.d} width={cfg.width} "
+        f"-> test error {error} after {result.steps_done} steps, {result.wall_time_s:.1f} s "
+        f"({result.steps_per_s:.0f} steps/s, {result.device}); "
+        f"record and TensorBoard logs in {result.run_dir}"
+    )
+
+
+class ValidateConfig(Callback):
+    """Checks a single run's values before Hydra creates its output dir (``hydra.callbacks``)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            validate(config)
+        except ConfigError as error:
+            print(error, file=sys.stderr)
+            sys.exit(2)
+
+
+def run(cfg: DictConfig) -> float:
+    """Train in Hydra's output dir; return the final test error (mean over replicas)."""
+    try:
+        result = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        sys.exit(2)
+    print(summary_line(cfg, result), flush=True)
+    return result.test_error
+
+
+def main() -> None:
+    """The ``randfeat-train`` console script: same arguments as ``python train.py``."""
+    if not (CONFIG_DIR / "train.yaml").is_file():
+        sys.exit(f"randfeat-train: no configs at {CONFIG_DIR}; install with 'pip install -e .'")
+    hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")(run)()

@@ -1,0 +1,117 @@
+"""The run record: ``metrics.json`` (written atomically) and the TensorBoard event file.
+
+This module is the one place that writes a run's outputs. Analysis reads ``metrics.json``
+only; the TensorBoard file is for looking at curves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
+
+RECORD_NAME = "metrics.json"
+METRICS = ("test_error", "test_mse", "train_loss")
+
+
+def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON to ``path`` through a temporary file and a rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, allow_nan=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def git_state() -> dict[str, Any]:
+    """The commit of the checkout this package runs from, and whether it has local changes."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+        status = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    if commit.returncode != 0:
+        return {"commit": None, "dirty": None}
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def _per_replica(values: torch.Tensor) -> float | list[float]:
+    """One float for one replica, a list for several (NaN stays NaN)."""
+    floats = [float(v) for v in values.detach().cpu().tolist()]
+    return floats[0] if len(floats) == 1 else floats
+
+
+class RunRecord:
+    """Writes one run's TensorBoard scalars, hparams entry and ``metrics.json``."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], hparam_dict: dict[str, Any]):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / RECORD_NAME
+        self.hparam_dict = hparam_dict
+        self.writer = SummaryWriter(log_dir=str(self.run_dir))
+        self.record: dict[str, Any] = {
+            "status": "running",
+            "config": config,
+            "metrics": None,
+            "wall_time_s": None,
+            "steps_per_s": None,
+            "steps_done": 0,
+            "device": None,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__},
+            "git": git_state(),
+            "host": platform.node(),
+        }
+
+    def log_eval(self, step: int, metrics: dict[str, torch.Tensor]) -> None:
+        """Scalars at ``step``: one series per replica (suffix ``/replica_r``) when R > 1."""
+        tags = {"train_loss": "train/loss", "test_error": "test/error", "test_mse": "test/mse"}
+        for name, values in metrics.items():
+            values = values.detach().cpu().tolist()
+            if len(values) == 1:
+                self.writer.add_scalar(tags[name], values[0], step)
+            else:
+                for r, value in enumerate(values):
+                    self.writer.add_scalar(f"{tags[name]}/replica_{r}", value, step)
+        self.writer.flush()
+
+    def write(self, status: str, **fields: Any) -> None:
+        """Update the record with ``status`` and ``fields`` and write it atomically."""
+        self.record["status"] = status
+        for key, value in fields.items():
+            if key == "metrics" and value is not None:
+                value = {name: _per_replica(v) for name, v in value.items()}
+            self.record[key] = value
+        atomic_write_json(self.path, self.record)
+
+    def close(self, final: dict[str, torch.Tensor] | None, step: int) -> None:
+        """Write the hparams entry (mean over replicas of the final metrics) and close."""
+        if final is not None:
+            metric_dict = {}
+            for name in METRICS:
+                mean = float(final[name].double().mean())
+                metric_dict[f"hparams/{name}"] = mean if math.isfinite(mean) else float("nan")
+            for summary in hparams(self.hparam_dict, metric_dict):
+                self.writer.file_writer.add_summary(summary)
+            for tag, value in metric_dict.items():
+                self.writer.add_scalar(tag, value, step)
+        self.writer.close()

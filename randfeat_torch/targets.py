@@ -1,0 +1,153 @@
+"""Inputs and target functions, with their exact moments under x ~ N(0, I_d).
+
+Every target is built on a device from its config and its own seed (``target.seed``), so
+models trained with different seeds face the same function.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import combinations_with_replacement
+
+import torch
+from omegaconf import DictConfig
+
+from randfeat_torch.config import ConfigError, count_monomials
+
+
+def make_generator(device: torch.device, seed: int, stream: int) -> torch.Generator:
+    """A generator on ``device`` for one named random stream of one seed."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_003 + stream) % 2**63)
+    return gen
+
+
+def gaussian_inputs(
+    n: int, d: int, gen: torch.Generator, device: torch.device, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x ~ N(0, I_d), shape (n, d), drawn on ``device`` (in place into ``out`` if given)."""
+    if out is None:
+        return torch.randn(n, d, generator=gen, device=device)
+    return out.normal_(generator=gen)
+
+
+class Target:
+    """A function f*: R^d -> R with its exact mean and variance under N(0, I_d)."""
+
+    name: str
+    d: int
+    mean: float
+    variance: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (n, d) -> y: (n,)."""
+        raise NotImplementedError
+
+
+class ReluNeuron(Target):
+    """f(x) = max(0, <w*, x> + bias), w* a uniformly random direction scaled to ``norm``."""
+
+    name = "relu_neuron"
+
+    def __init__(self, d: int, norm: float, bias: float, seed: int, device: torch.device) -> None:
+        gen = make_generator(torch.device("cpu"), seed, stream=0)
+        direction = torch.randn(d, generator=gen, dtype=torch.float64)
+        self.w = (direction * (norm / direction.norm())).to(device=device, dtype=torch.float32)
+        self.d, self.norm, self.bias = d, float(norm), float(bias)
+        # <w*, x> + b ~ N(b, s^2): E relu = s phi(b/s) + b Phi(b/s),
+        # E relu^2 = (s^2 + b^2) Phi(b/s) + b s phi(b/s).
+        s, b = self.norm, self.bias
+        pdf = math.exp(-0.5 * (b / s) ** 2) / math.sqrt(2 * math.pi)
+        cdf = 0.5 * (1 + math.erf(b / (s * math.sqrt(2))))
+        self.mean = s * pdf + b * cdf
+        self.variance = (s * s + b * b) * cdf + b * s * pdf - self.mean**2
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x @ self.w + self.bias)
+
+
+def hermite_orthonormal(x: torch.Tensor, degree: int) -> torch.Tensor:
+    """h_k(x) = He_k(x) / sqrt(k!) for k = 0..degree, stacked: (degree + 1, *x.shape)."""
+    values = [torch.ones_like(x), x]
+    for k in range(1, degree):
+        values.append(x * values[k] - k * values[k - 1])
+    values = values[: degree + 1]
+    return torch.stack([v / math.sqrt(math.factorial(k)) for k, v in enumerate(values)])
+
+
+class HermitePolynomial(Target):
+    """sum_t c_t prod_i h_{alpha_t,i}(x_i): ``terms`` distinct random monomials of the
+    orthonormal Hermite basis, coefficients scaled so that the variance is exactly 1.
+
+    With ``include_lower`` the monomials have degrees 1..degree (at least one of ``degree``),
+    otherwise all have degree exactly ``degree``. No constant term, so the mean is 0.
+    """
+
+    name = "polynomial"
+
+    def __init__(
+        self,
+        d: int,
+        degree: int,
+        terms: int,
+        include_lower: bool,
+        seed: int,
+        device: torch.device,
+    ) -> None:
+        available = count_monomials(d, degree, include_lower)
+        gen = make_generator(torch.device("cpu"), seed, stream=0)
+        chosen = self._draw_monomials(d, degree, terms, include_lower, available, gen)
+        # Each monomial as `degree` (coordinate, power) pairs, padded with power 0 (h_0 = 1).
+        coords = torch.zeros(terms, degree, dtype=torch.long)
+        powers = torch.zeros(terms, degree, dtype=torch.long)
+        for t, monomial in enumerate(chosen):
+            for j, coord in enumerate(sorted(set(monomial))):
+                coords[t, j], powers[t, j] = coord, monomial.count(coord)
+        coef = torch.randn(terms, generator=gen, dtype=torch.float64)
+        coef = coef / coef.norm()
+        self.d, self.degree = d, degree
+        self.monomials = chosen
+        self.coef = coef.to(device=device, dtype=torch.float32)
+        self.coords, self.powers = coords.to(device), powers.to(device)
+        self.mean = 0.0
+        self.variance = float((coef**2).sum())
+
+    @staticmethod
+    def _draw_monomials(
+        d: int,
+        degree: int,
+        terms: int,
+        include_lower: bool,
+        available: int,
+        gen: torch.Generator,
+    ) -> list[tuple[int, ...]]:
+        """Distinct multisets of coordinates, as sorted tuples; the first has full degree."""
+        if available <= 4 * terms:  # small spaces: enumerate and pick without replacement
+            degrees = range(1, degree + 1) if include_lower else [degree]
+            every = [m for k in degrees for m in combinations_with_replacement(range(d), k)]
+            top = [i for i, m in enumerate(every) if len(m) == degree]
+            first = top[int(torch.randint(len(top), (1,), generator=gen))]
+            rest = [i for i in torch.randperm(len(every), generator=gen).tolist() if i != first]
+            return [every[i] for i in [first, *rest[: terms - 1]]]
+        chosen: dict[tuple[int, ...], None] = {}
+        while len(chosen) < terms:
+            k = degree
+            if include_lower and chosen:
+                k = int(torch.randint(1, degree + 1, (1,), generator=gen))
+            monomial = tuple(sorted(torch.randint(d, (k,), generator=gen).tolist()))
+            chosen.setdefault(monomial)
+        return list(chosen)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        h = hermite_orthonormal(x, self.degree)  # (degree + 1, n, d)
+        factors = h[self.powers, :, self.coords]  # (terms, degree, n)
+        return self.coef @ factors.prod(dim=1)
+
+
+def build_target(cfg: DictConfig, device: torch.device) -> Target:
+    """The target named by ``cfg.name``, on ``device`` (``cfg`` already validated)."""
+    if cfg.name == "relu_neuron":
+        return ReluNeuron(cfg.d, cfg.norm, cfg.bias, cfg.seed, device)
+    if cfg.name == "polynomial":
+        return HermitePolynomial(cfg.d, cfg.degree, cfg.terms, cfg.include_lower, cfg.seed, device)
+    raise ConfigError("target.name", cfg.name, "allowed: relu_neuron, polynomial")

@@ -1,0 +1,51 @@
+"""Fixtures: compose the real configs/train.yaml through Hydra's compose API, shrunk for tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+from randfeat_torch.cli import CONFIG_DIR
+from randfeat_torch.trainer import RunResult, train
+
+ROOT = CONFIG_DIR.parent
+SMALL = [
+    "d=8",
+    "width=64",
+    "steps=20",
+    "eval_every=10",
+    "batch_size=32",
+    "n_test=512",
+    "device=cpu",
+]
+
+
+@pytest.fixture
+def make_cfg() -> Iterator[Callable[..., DictConfig]]:
+    """compose(*overrides): train.yaml with the SMALL sizes, then the given overrides."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+
+        def make(*overrides: str) -> DictConfig:
+            return compose(config_name="train", overrides=[*SMALL, *overrides])
+
+        yield make
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def run(make_cfg: Callable[..., DictConfig], tmp_path: Path) -> Callable[..., RunResult]:
+    """run(*overrides): train a composed config with its record under tmp_path."""
+    count = 0
+
+    def run_with(*overrides: str) -> RunResult:
+        nonlocal count
+        count += 1
+        return train(make_cfg(*overrides), tmp_path / f"run{count}")
+
+    return run_with

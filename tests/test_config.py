@@ -1,0 +1,92 @@
+"""Every config option composes and builds; bad values are refused with one sentence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from randfeat_torch.cli import CONFIG_DIR
+from randfeat_torch.config import ConfigError, validate
+from randfeat_torch.models import build_model
+from randfeat_torch.optim import build_optimizer
+from randfeat_torch.targets import build_target
+
+GROUP_OPTIONS = [
+    (group, path.stem)
+    for group in ("target", "model", "optimizer")
+    for path in sorted((CONFIG_DIR / group).glob("*.yaml"))
+]
+
+
+def test_every_group_has_its_options():
+    names = {f"{g}/{o}" for g, o in GROUP_OPTIONS}
+    assert {"target/relu_neuron", "target/polynomial", "model/frozen", "model/trainable"} <= names
+    assert {"optimizer/sgd", "optimizer/adam"} <= names
+
+
+@pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)
+def test_every_yaml_composes_and_builds(make_cfg, group, option):
+    cfg = make_cfg(f"{group}={option}")
+    validate(cfg)
+    assert cfg[group].name == option or (group == "model" and cfg.model.name == option)
+    target = build_target(cfg.target, torch.device("cpu"))
+    model = build_model(cfg.model, cfg.seed, torch.device("cpu"))
+    optimizer, _ = build_optimizer(cfg.optimizer, model, cfg.steps)
+    y = target(torch.randn(5, cfg.d))
+    assert y.shape == (5,)
+    assert model(torch.randn(5, cfg.d)).shape == (cfg.replicas, 5)
+    trained = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    first_layer = cfg.width * cfg.d + cfg.width
+    assert trained == cfg.width + 1 + (0 if cfg.model.freeze_first_layer else first_layer)
+
+
+def test_groups_read_the_top_level_knobs(make_cfg):
+    cfg = make_cfg("d=13", "width=7", "replicas=3")
+    assert (cfg.target.d, cfg.model.d, cfg.model.width, cfg.model.replicas) == (13, 13, 7, 3)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("width=-5", "invalid config: width=-5 (must be an integer >= 1)"),
+        ("d=0", "invalid config: d=0 (must be an integer >= 1)"),
+        ("steps=0", "invalid config: steps=0 (must be an integer >= 1)"),
+        ("batch_size=0", "invalid config: batch_size=0 (must be an integer >= 1)"),
+        ("replicas=0", "invalid config: replicas=0 (must be an integer >= 1)"),
+        ("n_test=1", "invalid config: n_test=1 (must be an integer >= 2"),
+        ("optimizer.lr=0", "invalid config: optimizer.lr=0.0 (must be a finite number > 0)"),
+        ("optimizer.lr=nan", "invalid config: optimizer.lr=nan (must be a finite number > 0)"),
+        ("optimizer.momentum=1.5", "invalid config: optimizer.momentum=1.5 (must be in [0, 1))"),
+        ("n_train=10", "invalid config: n_train=10 (must be >= batch_size=32"),
+        ("target=polynomial target.degree=0", "invalid config: target.degree=0"),
+        ("target=polynomial target.degree=-1", "invalid config: target.degree=-1"),
+        ("target.norm=-1", "invalid config: target.norm=-1.0 (must be a finite number > 0)"),
+        ("model.activation=swish", "invalid config: model.activation=swish (allowed: relu, gelu"),
+        ("model.parameterization=mup", "model.parameterization=mup (allowed: standard, ntk"),
+        ("device=tpu", "invalid config: device=tpu (allowed: auto, cpu, cuda)"),
+        ("target.d=5", "invalid config: target.d=5 (must equal d=8"),
+        ("optimizer.warmup_steps=20", "optimizer.warmup_steps=20 (must be < steps=20)"),
+    ],
+)
+def test_bad_values_are_refused_with_one_sentence(make_cfg, override, message):
+    cfg = make_cfg(*override.split())
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    text = str(info.value)
+    assert text.startswith("invalid config: ")
+    assert message in text
+    assert "\n" not in text
+
+
+def test_too_many_polynomial_terms_are_refused(run, tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"target.terms=20 \(must be <= 3, the number"):
+        run("d=2", "target=polynomial", "target.degree=2", "target.terms=20")
+
+
+def test_cuda_without_cuda_is_refused(run):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="invalid config: device=cuda"):
+        run("device=cuda")

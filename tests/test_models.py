@@ -1,0 +1,66 @@
+"""The two-layer net: replica shapes and seeds, freezing, parameterizations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from randfeat_torch.models import TwoLayerNet
+
+
+def test_shapes_with_replicas():
+    net = TwoLayerNet(d=5, width=7, replicas=3)
+    assert net.w.shape == (3, 7, 5) and net.b.shape == (3, 7)
+    assert net.a.shape == (3, 7) and net.c.shape == (3,)
+    assert net(torch.randn(11, 5)).shape == (3, 11)
+    assert net(torch.randn(3, 11, 5)).shape == (3, 11)
+
+
+def test_replica_r_is_the_single_net_with_seed_plus_r():
+    many = TwoLayerNet(d=4, width=6, replicas=3, seed=10)
+    one = TwoLayerNet(d=4, width=6, replicas=1, seed=12)
+    assert torch.equal(many.w[2], one.w[0]) and torch.equal(many.a[2], one.a[0])
+    assert not torch.equal(many.w[0], many.w[1])
+    x = torch.randn(9, 4)
+    assert torch.allclose(many(x)[2], one(x)[0])
+
+
+def test_forward_is_the_formula():
+    net = TwoLayerNet(d=3, width=5, parameterization="mean_field", activation="tanh", seed=2)
+    with torch.no_grad():
+        net.c.fill_(0.3)
+    x = torch.randn(4, 3)
+    hidden = torch.tanh(x @ net.w[0].T + net.b[0])
+    assert torch.allclose(net(x)[0], hidden @ net.a[0] / 5 + 0.3, atol=1e-6)
+
+
+def test_frozen_first_layer_gets_no_gradient():
+    net = TwoLayerNet(d=3, width=5, freeze_first_layer=True)
+    net(torch.randn(8, 3)).sum().backward()
+    assert net.w.grad is None and net.b.grad is None
+    assert net.a.grad is not None and net.c.grad is not None
+
+
+def test_no_hidden_bias():
+    net = TwoLayerNet(d=3, width=5, bias=False)
+    assert net.b is None
+    assert torch.allclose(net(torch.zeros(2, 3)), torch.zeros(1, 2))
+
+
+@pytest.mark.parametrize(
+    ("parameterization", "multiplier", "a_std"),
+    [("standard", 1.0, 1 / math.sqrt(4096)), ("ntk", 1 / 64, 1.0), ("mean_field", 1 / 4096, 1.0)],
+)
+def test_parameterizations(parameterization, multiplier, a_std):
+    net = TwoLayerNet(d=16, width=4096, parameterization=parameterization)
+    assert net.multiplier == pytest.approx(multiplier)
+    assert float(net.a.detach().std()) == pytest.approx(a_std, rel=0.05)
+    assert float(net.w.detach().pow(2).sum(-1).mean()) == pytest.approx(1.0, rel=0.05)  # E|w|^2 = 1
+
+
+def test_sphere_init_and_zero_output_init():
+    net = TwoLayerNet(d=6, width=10, init="sphere", output_init="zero")
+    assert torch.allclose(net.w.norm(dim=-1), torch.ones(1, 10))
+    assert torch.equal(net.a, torch.zeros(1, 10))
