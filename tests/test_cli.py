@@ -1,0 +1,125 @@
+"""End to end through ``python train.py`` in a subprocess: record, TensorBoard, sweeps, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from tests.conftest import ROOT, SMALL
+
+pytestmark = pytest.mark.slow
+
+
+def app(*args: str, cwd: Path, script: list[str] | None = None) -> subprocess.CompletedProcess:
+    command = script or [sys.executable, str(ROOT / "train.py")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [*command, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env
+    )
+
+
+def test_a_run_writes_its_record_and_tensorboard_scalars(tmp_path):
+    run_dir = tmp_path / "run"
+    done = app(*SMALL, "replicas=1", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "[ok] trainable on relu_neuron: d=8 width=64 -> test error" in done.stdout
+    assert str(run_dir) in done.stdout
+
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert record["status"] == "ok"
+    assert record["config"]["d"] == 8 and record["config"]["model"]["name"] == "trainable"
+    assert set(record["metrics"]) == {"test_error", "test_mse", "train_loss"}
+    assert 0 < record["metrics"]["test_error"] < 2
+    assert record["wall_time_s"] > 0 and record["steps_per_s"] > 0 and record["steps_done"] == 20
+    assert record["device"] == "cpu"
+    assert record["versions"]["torch"] and record["versions"]["python"]
+    assert "commit" in record["git"]
+
+    assert [p.name for p in run_dir.iterdir() if p.is_dir()] == [".hydra"]  # no stray subfolder
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "test/error", "test/mse", "hparams/test_error"} <= tags
+    assert [e.step for e in events.Scalars("test/error")] == [0, 10, 20]
+    assert events.Scalars("test/error")[-1].value == pytest.approx(record["metrics"]["test_error"])
+
+    hparams = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"])
+    assert start.session_start_info.hparams["width"].number_value == 64
+    assert start.session_start_info.hparams["model"].string_value == "trainable"
+
+
+def test_replicas_get_one_tensorboard_series_each(tmp_path):
+    run_dir = tmp_path / "run"
+    done = app(*SMALL, "replicas=2", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"test/error/replica_0", "test/error/replica_1", "train/loss/replica_1"} <= tags
+
+
+def test_a_two_by_two_multirun_leaves_four_records(tmp_path):
+    sweep = tmp_path / "sweep"
+    done = app(
+        "-m", *SMALL, "model=frozen,trainable", "d=4,8", f"hydra.sweep.dir={sweep}", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    records = sorted(sweep.glob("*/metrics.json"))
+    assert len(records) == 4 and len({r.parent for r in records}) == 4
+    seen = set()
+    for path in records:
+        record = json.loads(path.read_text())
+        assert record["status"] == "ok"
+        seen.add((record["config"]["model"]["name"], record["config"]["d"]))
+    assert seen == {("frozen", 4), ("frozen", 8), ("trainable", 4), ("trainable", 8)}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("width=-5", "invalid config: width=-5 (must be an integer >= 1)"),
+        ("d=0", "invalid config: d=0 (must be an integer >= 1)"),
+        ("optimizer.lr=0", "invalid config: optimizer.lr=0.0 (must be a finite number > 0)"),
+        ("model=nope", "Could not find 'model/nope'"),
+        ("width=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
+    ],
+)
+def test_bad_values_exit_non_zero_with_a_sentence_and_no_traceback(tmp_path, override, message):
+    run_dir = tmp_path / "run"
+    done = app(override, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    assert not run_dir.exists()
+
+
+def test_our_own_refusals_are_one_line_with_exit_status_2(tmp_path):
+    done = app("width=-5", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "invalid config: width=-5 (must be an integer >= 1)"
+
+
+def test_unknown_model_lists_the_available_ones(tmp_path):
+    done = app("model=nope", cwd=tmp_path)
+    assert "Available options in 'model'" in done.stderr
+    assert "frozen" in done.stderr and "trainable" in done.stderr
+
+
+def test_console_script_behaves_like_train_py(tmp_path):
+    script = Path(sys.executable).parent / "randfeat-train"
+    if not script.exists():
+        pytest.skip("randfeat-train is not installed in this environment")
+    run_dir = tmp_path / "run"
+    done = app(
+        *SMALL, "model=frozen", f"hydra.run.dir={run_dir}", cwd=tmp_path, script=[str(script)]
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads((run_dir / "metrics.json").read_text())["config"]["model"]["name"] == "frozen"
