@@ -24,6 +24,7 @@ setup: $(STAMP)  ## create .venv and install the project (once)
 
 train: $(STAMP)  ## run the default experiment: trained net vs random features, d=32
 	$(PY) train.py -m model=trainable,frozen
+	@echo "Curves and hparams: make tensorboard (or: $(VENV)/bin/tensorboard --logdir outputs)"
 
 test: $(STAMP)  ## lint, then the whole test suite (slow end-to-end tests included)
 	$(VENV)/bin/ruff check .

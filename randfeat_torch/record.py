@@ -28,7 +28,7 @@ def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, allow_nan=True)
+            json.dump(data, f, indent=2, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -54,9 +54,9 @@ def git_state() -> dict[str, Any]:
     return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
-def _per_replica(values: torch.Tensor) -> float | list[float]:
-    """One float for one replica, a list for several (NaN stays NaN)."""
-    floats = [float(v) for v in values.detach().cpu().tolist()]
+def _per_replica(values: torch.Tensor) -> float | list[float | None] | None:
+    """One number for one replica, a list for several; NaN and Inf become null (strict JSON)."""
+    floats = [v if math.isfinite(v) else None for v in values.detach().cpu().tolist()]
     return floats[0] if len(floats) == 1 else floats
 
 

@@ -91,6 +91,7 @@ def test_divergence_stops_the_run_with_status_diverged(run):
     assert result.steps_done == 50
     record = json.loads((result.run_dir / "metrics.json").read_text())
     assert record["status"] == "diverged" and record["diverged_replicas"] == [0]
+    assert record["metrics"]["test_error"] is None  # NaN is written as null: strict JSON
 
 
 def test_a_constant_target_is_refused(run):
