@@ -7,20 +7,28 @@ raises :class:`ConfigError` with one sentence naming the key, the value and what
 
 from __future__ import annotations
 
+import ast
 import math
+import operator
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import II, MISSING, DictConfig
+from omegaconf import II, MISSING, DictConfig, OmegaConf
 
 ACTIVATIONS = ("relu", "gelu", "tanh", "softplus", "quadratic")
 PARAMETERIZATIONS = ("standard", "ntk", "mean_field")
 FIRST_LAYER_INITS = ("gaussian", "sphere")
 OUTPUT_INITS = ("gaussian", "zero")
+REGIMES = ("trainable", "frozen", "linearized")
 SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
+INPUTS = ("gaussian", "sphere", "hypercube")
+TARGETS = ("relu_neuron", "polynomial", "zigzag", "parity")
+OPTIMIZERS = ("sgd", "adam", "ridge")
+RIDGE_MEMORY_FRACTION = 0.5  # of the free memory that the ridge Gram matrices may take
 
 
 class ConfigError(ValueError):
@@ -66,14 +74,39 @@ class PolynomialConfig(TargetConfig):
 
 
 @dataclass
+class ZigzagConfig(TargetConfig):
+    """psi_a(<w*, x>): a triangle wave of period 4 between -1 and 1 on [-a, a], flat outside."""
+
+    name: str = "zigzag"
+    norm: float = II("d")
+    a: int = 1
+
+
+@dataclass
+class ParityConfig(TargetConfig):
+    """prod_{i in S} x_i for a random set S of k coordinates."""
+
+    name: str = "parity"
+    k: int = 3
+
+
+@dataclass
+class InputConfig:
+    """The input distribution: gaussian N(0, I_d), sphere of radius sqrt(d), or {-1, +1}^d."""
+
+    name: str = "gaussian"
+
+
+@dataclass
 class ModelConfig:
-    """The two-layer net f(x) = m * sum_j a_j act(<w_j, x> + b_j) + c, with R replicas."""
+    """The two-layer net f(x) = m * sum_j a_j act(<w_j, x> + b_j) + c, with R replicas;
+    ``regime`` trains both layers, only the output layer, or the linearization at init."""
 
     name: str = MISSING
     d: int = II("d")
     width: int = II("width")
     replicas: int = II("replicas")
-    freeze_first_layer: bool = MISSING
+    regime: str = MISSING
     activation: str = "relu"
     bias: bool = True
     init: str = "gaussian"
@@ -90,6 +123,9 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     schedule: str = "constant"
     warmup_steps: int = 0
+    grad_clip: float | None = None
+    grad_precision: float | None = None
+    stochastic_rounding: bool = False
 
 
 @dataclass
@@ -109,6 +145,15 @@ class AdamConfig(OptimizerConfig):
 
 
 @dataclass
+class RidgeConfig:
+    """Closed-form least squares for the output layer of a frozen or linearized model."""
+
+    name: str = "ridge"
+    penalty: float = 1e-8
+    chunk_size: int | None = None
+
+
+@dataclass
 class TrainConfig:
     """The headline knobs; the groups read them by interpolation."""
 
@@ -123,18 +168,51 @@ class TrainConfig:
     eval_every: int = 200
     device: str = "auto"
     progress: bool = True
+    input: Any = MISSING
     target: Any = MISSING
     model: Any = MISSING
     optimizer: Any = MISSING
 
 
+def calc(expression: str) -> int | float:
+    """Arithmetic for configs, e.g. ``a: ${calc:6*${d}**2+1}``: numbers, + - * / // % ** and
+    parentheses only (nothing is executed)."""
+    operators = {
+        ast.Add: operator.add,
+        ast.Sub: operator.sub,
+        ast.Mult: operator.mul,
+        ast.Div: operator.truediv,
+        ast.FloorDiv: operator.floordiv,
+        ast.Mod: operator.mod,
+        ast.Pow: operator.pow,
+        ast.USub: operator.neg,
+        ast.UAdd: operator.pos,
+    }
+
+    def evaluate(node: ast.AST) -> int | float:
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in operators:
+            return operators[type(node.op)](evaluate(node.left), evaluate(node.right))
+        if isinstance(node, ast.UnaryOp) and type(node.op) in operators:
+            return operators[type(node.op)](evaluate(node.operand))
+        raise ValueError(f"calc: {expression!r} is not plain arithmetic")
+
+    return evaluate(ast.parse(str(expression), mode="eval").body)
+
+
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore (under ``schema/``, out of the option lists)."""
+    OmegaConf.register_new_resolver("calc", calc, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     for group, name, node in (
         ("target", "relu_neuron", ReluNeuronConfig),
         ("target", "polynomial", PolynomialConfig),
+        ("target", "zigzag", ZigzagConfig),
+        ("target", "parity", ParityConfig),
+        ("input", "input", InputConfig),
+        ("optimizer", "ridge", RidgeConfig),
         ("model", "two_layer", ModelConfig),
         ("optimizer", "sgd", SGDConfig),
         ("optimizer", "adam", AdamConfig),
@@ -177,13 +255,14 @@ def _get(cfg: DictConfig, key: str) -> Any:
 
 def validate(cfg: DictConfig) -> None:
     """Check values and combinations; raise :class:`ConfigError` on the first bad one."""
+    ridge = cfg.optimizer.name == "ridge"
     for key in ("d", "width", "replicas", "steps", "batch_size", "eval_every"):
         _int_at_least(cfg, key, 1)
     _int_at_least(cfg, "n_test", 2, " so that the test targets have a variance")
     _int_at_least(cfg, "seed", 0)
     if cfg.n_train is not None:
         _int_at_least(cfg, "n_train", 1)
-        if cfg.n_train < cfg.batch_size:
+        if cfg.n_train < cfg.batch_size and not ridge:
             raise ConfigError(
                 "n_train",
                 cfg.n_train,
@@ -199,14 +278,29 @@ def validate(cfg: DictConfig) -> None:
             )
     if cfg.model.replicas != cfg.replicas:
         raise ConfigError("model.replicas", cfg.model.replicas, "must equal replicas; set that")
+    _one_of(cfg, "input.name", INPUTS)
+    _validate_target(cfg)
+    _validate_model(cfg)
+    _validate_optimizer(cfg)
 
+
+def _validate_target(cfg: DictConfig) -> None:
     target = cfg.target
+    _one_of(cfg, "target.name", TARGETS)
     _int_at_least(cfg, "target.seed", 0)
-    if target.name == "relu_neuron":
+    if target.name in ("relu_neuron", "zigzag"):
         _positive(cfg, "target.norm")
-        if not math.isfinite(target.bias):
-            raise ConfigError("target.bias", target.bias, "must be a finite number")
-    elif target.name == "polynomial":
+    if target.name == "relu_neuron" and not math.isfinite(target.bias):
+        raise ConfigError("target.bias", target.bias, "must be a finite number")
+    if target.name == "zigzag" and (target.a < 1 or target.a % 2 == 0):
+        raise ConfigError(
+            "target.a", target.a, "must be an odd integer >= 1, so that psi_a is flat for |z| > a"
+        )
+    if target.name == "parity":
+        _int_at_least(cfg, "target.k", 1)
+        if target.k > cfg.d:
+            raise ConfigError("target.k", target.k, f"must be <= d={cfg.d}")
+    if target.name == "polynomial":
         _int_at_least(cfg, "target.degree", 1, ": a degree-0 polynomial is constant")
         _int_at_least(cfg, "target.terms", 1)
         available = count_monomials(cfg.d, target.degree, target.include_lower)
@@ -217,38 +311,90 @@ def validate(cfg: DictConfig) -> None:
                 f"must be <= {available}, the number of distinct monomials of degree "
                 f"{'1..' if target.include_lower else ''}{target.degree} in d={cfg.d}",
             )
-    else:
-        raise ConfigError("target.name", target.name, "allowed: relu_neuron, polynomial")
 
+
+def _validate_model(cfg: DictConfig) -> None:
+    _one_of(cfg, "model.regime", REGIMES)
     _one_of(cfg, "model.activation", ACTIVATIONS)
     _one_of(cfg, "model.init", FIRST_LAYER_INITS)
     _one_of(cfg, "model.parameterization", PARAMETERIZATIONS)
     _one_of(cfg, "model.output_init", OUTPUT_INITS)
 
-    _one_of(cfg, "optimizer.name", ("sgd", "adam"))
+
+def ridge_features(cfg: DictConfig) -> int:
+    """Number of features P the ridge solver fits (the constant output bias is solved apart)."""
+    if cfg.model.regime == "linearized":
+        return cfg.width * (cfg.d + 1 + int(cfg.model.bias))
+    return cfg.width
+
+
+def _free_memory_bytes(device: str) -> int:
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return torch.cuda.mem_get_info()[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _validate_optimizer(cfg: DictConfig) -> None:
+    opt = cfg.optimizer
+    _one_of(cfg, "optimizer.name", OPTIMIZERS)
+    if opt.name == "ridge":
+        _validate_ridge(cfg)
+        return
     _positive(cfg, "optimizer.lr")
     _positive(cfg, "optimizer.weight_decay", allow_zero=True)
     _one_of(cfg, "optimizer.schedule", SCHEDULES)
     _int_at_least(cfg, "optimizer.warmup_steps", 0)
-    if cfg.optimizer.warmup_steps >= cfg.steps and cfg.optimizer.warmup_steps > 0:
+    if opt.warmup_steps >= cfg.steps and opt.warmup_steps > 0:
         raise ConfigError(
-            "optimizer.warmup_steps",
-            cfg.optimizer.warmup_steps,
-            f"must be < steps={cfg.steps}",
+            "optimizer.warmup_steps", opt.warmup_steps, f"must be < steps={cfg.steps}"
         )
-    if cfg.optimizer.name == "sgd":
-        momentum = cfg.optimizer.momentum
-        if not (0 <= momentum < 1):
-            raise ConfigError("optimizer.momentum", momentum, "must be in [0, 1)")
-        if cfg.optimizer.nesterov and momentum == 0:
+    for key in ("optimizer.grad_clip", "optimizer.grad_precision"):
+        if _get(cfg, key) is not None:
+            _positive(cfg, key)
+    if opt.stochastic_rounding and opt.grad_precision is None:
+        raise ConfigError(
+            "optimizer.stochastic_rounding", True, "needs optimizer.grad_precision to be set"
+        )
+    if opt.name == "sgd":
+        if not (0 <= opt.momentum < 1):
+            raise ConfigError("optimizer.momentum", opt.momentum, "must be in [0, 1)")
+        if opt.nesterov and opt.momentum == 0:
             raise ConfigError("optimizer.nesterov", True, "needs optimizer.momentum > 0")
     else:
-        for i, beta in enumerate(cfg.optimizer.betas):
+        for i, beta in enumerate(opt.betas):
             if not (0 <= beta < 1):
                 raise ConfigError(f"optimizer.betas[{i}]", beta, "must be in [0, 1)")
-        if len(cfg.optimizer.betas) != 2:
-            raise ConfigError("optimizer.betas", list(cfg.optimizer.betas), "must be two numbers")
+        if len(opt.betas) != 2:
+            raise ConfigError("optimizer.betas", list(opt.betas), "must be two numbers")
         _positive(cfg, "optimizer.eps")
+
+
+def _validate_ridge(cfg: DictConfig) -> None:
+    if cfg.model.regime == "trainable":
+        raise ConfigError(
+            "optimizer",
+            "ridge",
+            "fits only a model that is linear in its trained parameters: model=frozen or "
+            "model=linearized, not model=trainable",
+        )
+    if cfg.n_train is None:
+        raise ConfigError(
+            "n_train", None, "optimizer=ridge needs a finite training set: set n_train=N"
+        )
+    _positive(cfg, "optimizer.penalty", allow_zero=True)
+    if cfg.optimizer.chunk_size is not None:
+        _int_at_least(cfg, "optimizer.chunk_size", 1)
+    features = ridge_features(cfg)
+    need = 3 * cfg.replicas * features**2 * 8  # Gram, its factor, and a work copy, float64
+    free = _free_memory_bytes(cfg.device)
+    if need > RIDGE_MEMORY_FRACTION * free:
+        raise ConfigError(
+            "width",
+            cfg.width,
+            f"ridge on {features} features x {cfg.replicas} replicas needs about "
+            f"{need / 2**30:.1f} GiB for its float64 Gram matrices, more than half of the "
+            f"{free / 2**30:.1f} GiB free here; use a smaller width, d or replicas",
+        )
 
 
 register_configs()

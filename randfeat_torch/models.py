@@ -4,6 +4,7 @@ f_r(x) = m * sum_j a_rj act(<w_rj, x> + b_rj) + c_r,   r = 0..R-1, j = 0..width-
 
 Random features and the fully trained net are this one class: ``freeze_first_layer`` turns off
 gradients for ``w`` and ``b`` (they stay at their random init), leaving ``a`` and ``c``.
+The third regime, :class:`LinearizedNet`, is this net's first-order Taylor expansion at init.
 
 Parameterizations (the output multiplier m and the init of a):
   standard    m = 1              a ~ N(0, 1/width)
@@ -31,6 +32,13 @@ ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "tanh": torch.tanh,
     "softplus": F.softplus,
     "quadratic": torch.square,
+}
+ACTIVATION_DERIVATIVES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": lambda z: (z > 0).to(z.dtype),
+    "gelu": lambda z: torch.special.ndtr(z) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi),
+    "tanh": lambda z: 1 - torch.tanh(z).square(),
+    "softplus": torch.sigmoid,
+    "quadratic": lambda z: 2 * z,
 }
 OUTPUT_MULTIPLIERS: dict[str, Callable[[int], float]] = {
     "standard": lambda width: 1.0,
@@ -62,6 +70,7 @@ class TwoLayerNet(nn.Module):
         self.d, self.width, self.replicas = d, width, replicas
         self.frozen = freeze_first_layer
         self.act = ACTIVATION_FUNCTIONS[activation]
+        self.act_derivative = ACTIVATION_DERIVATIVES[activation]
         self.multiplier = OUTPUT_MULTIPLIERS[parameterization](width)
         a_std = 1.0 / math.sqrt(width) if parameterization == "standard" else 1.0
 
@@ -92,14 +101,84 @@ class TwoLayerNet(nn.Module):
         out = torch.baddbmm(self.c.view(-1, 1, 1), h, self.a.unsqueeze(-1), alpha=self.multiplier)
         return out.squeeze(-1)
 
+    def ridge_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Features phi with f(x) = <phi(x), a> + c when the first layer is fixed: (R, n, width)."""
+        return self.features(x) * self.multiplier
 
-def build_model(cfg: DictConfig, seed: int, device: torch.device) -> TwoLayerNet:
-    """The two-layer net described by the ``model`` config group."""
-    return TwoLayerNet(
+    def load_ridge_solution(self, beta: torch.Tensor, c: torch.Tensor) -> None:
+        """Set the output layer from a fitted beta: (R, width) and c: (R,)."""
+        with torch.no_grad():
+            self.a.copy_(beta)
+            self.c.copy_(c)
+
+
+class LinearizedNet(nn.Module):
+    """The first-order Taylor expansion of :class:`TwoLayerNet` at its init (w0, b0, a0):
+
+    f_lin(x) = m * sum_j [a_j act(p_j) + a0_j act'(p_j) (<w_j - w0_j, x> + b_j - b0_j)] + c,
+    p_j = <w0_j, x> + b0_j. It equals the net at init and has the net's gradient there;
+    trained parameters are a, dw = w - w0, db = b - b0 and c (shapes as in TwoLayerNet).
+    """
+
+    def __init__(self, net: TwoLayerNet) -> None:
+        super().__init__()
+        self.d, self.width, self.replicas = net.d, net.width, net.replicas
+        self.act, self.act_derivative = net.act, net.act_derivative
+        self.multiplier = net.multiplier
+        self.register_buffer("w0", net.w.detach().clone())
+        self.register_buffer("b0", None if net.b is None else net.b.detach().clone())
+        self.register_buffer("a0", net.a.detach().clone())
+        self.a = nn.Parameter(net.a.detach().clone())
+        self.dw = nn.Parameter(torch.zeros_like(self.w0))
+        self.db = None if net.b is None else nn.Parameter(torch.zeros_like(self.b0))
+        self.c = nn.Parameter(net.c.detach().clone())
+
+    def _init_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """act(p) and a0 * act'(p) at the init pre-activations p: each (R, n, width)."""
+        pre = torch.matmul(x, self.w0.transpose(1, 2))
+        if self.b0 is not None:
+            pre = pre + self.b0.unsqueeze(1)
+        return self.act(pre), self.act_derivative(pre) * self.a0.unsqueeze(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (n, d) or (R, n, d) -> predictions (R, n)."""
+        h, slope = self._init_terms(x)
+        moved = torch.matmul(x, self.dw.transpose(1, 2))
+        if self.db is not None:
+            moved = moved + self.db.unsqueeze(1)
+        out = (h * self.a.unsqueeze(1) + slope * moved).sum(-1)
+        return out * self.multiplier + self.c.unsqueeze(1)
+
+    def ridge_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The tangent features [m act(p), m a0 act'(p) x, m a0 act'(p)]: (R, n, width(d+2))
+        (width(d+1) without hidden bias), in the order of :meth:`load_ridge_solution`."""
+        h, slope = self._init_terms(x)
+        n = h.shape[1]
+        x = x.expand(self.replicas, n, self.d) if x.dim() == 2 else x
+        blocks = [h, (slope.unsqueeze(-1) * x.unsqueeze(2)).reshape(self.replicas, n, -1)]
+        if self.db is not None:
+            blocks.append(slope)
+        return torch.cat(blocks, dim=-1) * self.multiplier
+
+    def load_ridge_solution(self, beta: torch.Tensor, c: torch.Tensor) -> None:
+        """Set (a, dw, db) from beta: (R, P) in the order of :meth:`ridge_features`, and c."""
+        width, d = self.width, self.d
+        with torch.no_grad():
+            self.a.copy_(beta[:, :width])
+            self.dw.copy_(beta[:, width : width * (d + 1)].reshape(-1, width, d))
+            if self.db is not None:
+                self.db.copy_(beta[:, width * (d + 1) :])
+            self.c.copy_(c)
+
+
+def build_model(cfg: DictConfig, seed: int, device: torch.device) -> TwoLayerNet | LinearizedNet:
+    """The model of the ``model`` config group: the net (trainable or frozen) or its
+    linearization at init."""
+    net = TwoLayerNet(
         d=cfg.d,
         width=cfg.width,
         replicas=cfg.replicas,
-        freeze_first_layer=cfg.freeze_first_layer,
+        freeze_first_layer=cfg.regime != "trainable",
         activation=cfg.activation,
         bias=cfg.bias,
         init=cfg.init,
@@ -108,3 +187,4 @@ def build_model(cfg: DictConfig, seed: int, device: torch.device) -> TwoLayerNet
         seed=seed,
         device=device,
     )
+    return LinearizedNet(net) if cfg.regime == "linearized" else net

@@ -46,3 +46,32 @@ def schedule_factor(schedule: str, warmup_steps: int, steps: int):
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+class GradientPrecision:
+    """Finite-precision gradients (the bSGD model of Karchmer & Malach, ICML 2025): clip each
+    coordinate to [-grad_clip, grad_clip], then round it to a multiple of grad_precision, to the
+    nearest or (``stochastic_rounding``) up or down at random with the unbiased probabilities."""
+
+    def __init__(self, cfg: DictConfig, gen: torch.Generator) -> None:
+        self.clip, self.precision = cfg.grad_clip, cfg.grad_precision
+        self.stochastic, self.gen = cfg.stochastic_rounding, gen
+
+    @property
+    def active(self) -> bool:
+        return self.clip is not None or self.precision is not None
+
+    @torch.no_grad()
+    def apply(self, params: list[torch.Tensor]) -> None:
+        """Transform every ``p.grad`` in place."""
+        for p in params:
+            g = p.grad
+            if self.clip is not None:
+                g.clamp_(-self.clip, self.clip)
+            if self.precision is not None:
+                g.div_(self.precision)
+                if self.stochastic:
+                    g.add_(torch.rand(g.shape, generator=self.gen, device=g.device)).floor_()
+                else:
+                    g.round_()
+                g.mul_(self.precision)

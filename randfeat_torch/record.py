@@ -94,6 +94,17 @@ class RunRecord:
                     self.writer.add_scalar(f"{tags[name]}/replica_{r}", value, step)
         self.writer.flush()
 
+    def log_theory(self, step: int, theory: dict[str, Any]) -> None:
+        """The theory's reference errors as ``theory/<name>`` (``/replica_r`` when per replica),
+        logged at the first and last step so that they draw as lines beside the measured ones."""
+        for name, value in theory.items():
+            values = value if isinstance(value, list) else [value]
+            for r, v in enumerate(values):
+                if isinstance(v, (int, float)):
+                    suffix = f"/replica_{r}" if isinstance(value, list) else ""
+                    self.writer.add_scalar(f"theory/{name}{suffix}", v, step)
+        self.writer.flush()
+
     def write(self, status: str, **fields: Any) -> None:
         """Update the record with ``status`` and ``fields`` and write it atomically."""
         self.record["status"] = status

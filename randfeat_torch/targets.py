@@ -12,7 +12,7 @@ from itertools import combinations_with_replacement
 import torch
 from omegaconf import DictConfig
 
-from randfeat_torch.config import ConfigError, count_monomials
+from randfeat_torch.config import count_monomials
 
 
 def make_generator(device: torch.device, seed: int, stream: int) -> torch.Generator:
@@ -22,22 +22,41 @@ def make_generator(device: torch.device, seed: int, stream: int) -> torch.Genera
     return gen
 
 
-def gaussian_inputs(
-    n: int, d: int, gen: torch.Generator, device: torch.device, out: torch.Tensor | None = None
+def sample_inputs(
+    kind: str,
+    n: int,
+    d: int,
+    gen: torch.Generator,
+    device: torch.device,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x ~ N(0, I_d), shape (n, d), drawn on ``device`` (in place into ``out`` if given)."""
-    if out is None:
-        return torch.randn(n, d, generator=gen, device=device)
-    return out.normal_(generator=gen)
+    """x: (n, d) from N(0, I_d) (``gaussian``), the sphere of radius sqrt(d) (``sphere``) or
+    {-1, +1}^d (``hypercube``), drawn on ``device``, in place into ``out`` when given."""
+    x = torch.empty(n, d, device=device) if out is None else out
+    if kind == "hypercube":
+        return x.bernoulli_(0.5, generator=gen).mul_(2).sub_(1)
+    x.normal_(generator=gen)
+    if kind == "sphere":
+        x.mul_(math.sqrt(d) / x.norm(dim=1, keepdim=True))
+    return x
+
+
+def random_direction(d: int, seed: int, device: torch.device) -> torch.Tensor:
+    """A unit vector uniform on the sphere in R^d, drawn on the CPU from ``seed``: (d,)."""
+    gen = make_generator(torch.device("cpu"), seed, stream=0)
+    direction = torch.randn(d, generator=gen, dtype=torch.float64)
+    return (direction / direction.norm()).to(device=device, dtype=torch.float32)
 
 
 class Target:
-    """A function f*: R^d -> R with its exact mean and variance under N(0, I_d)."""
+    """A function f*: R^d -> R. ``mean`` and ``variance`` are exact under the inputs named in
+    ``exact_under`` (None where no closed form is known)."""
 
     name: str
     d: int
-    mean: float
-    variance: float
+    mean: float | None
+    variance: float | None
+    exact_under: tuple[str, ...] = ("gaussian",)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: (n, d) -> y: (n,)."""
@@ -50,9 +69,7 @@ class ReluNeuron(Target):
     name = "relu_neuron"
 
     def __init__(self, d: int, norm: float, bias: float, seed: int, device: torch.device) -> None:
-        gen = make_generator(torch.device("cpu"), seed, stream=0)
-        direction = torch.randn(d, generator=gen, dtype=torch.float64)
-        self.w = (direction * (norm / direction.norm())).to(device=device, dtype=torch.float32)
+        self.w = random_direction(d, seed, device) * norm
         self.d, self.norm, self.bias = d, float(norm), float(bias)
         # <w*, x> + b ~ N(b, s^2): E relu = s phi(b/s) + b Phi(b/s),
         # E relu^2 = (s^2 + b^2) Phi(b/s) + b s phi(b/s).
@@ -95,6 +112,8 @@ class HermitePolynomial(Target):
         device: torch.device,
     ) -> None:
         available = count_monomials(d, degree, include_lower)
+        if terms > available:
+            raise ValueError(f"{terms} terms asked, only {available} distinct monomials exist")
         gen = make_generator(torch.device("cpu"), seed, stream=0)
         chosen = self._draw_monomials(d, degree, terms, include_lower, available, gen)
         # Each monomial as `degree` (coordinate, power) pairs, padded with power 0 (h_0 = 1).
@@ -144,10 +163,51 @@ class HermitePolynomial(Target):
         return self.coef @ factors.prod(dim=1)
 
 
+def zigzag(z: torch.Tensor, a: int) -> torch.Tensor:
+    """psi_a(z) = -1 + [z+a]_+ + sum_{i=1}^{a-1} 2 (-1)^i [z+a-2i]_+ - [z-a]_+ for odd a,
+    in closed form: a triangle wave of period 4 between -1 and 1 on [-a, a], flat outside."""
+    u = torch.remainder((z + a).clamp(0, 2 * a), 4)
+    return torch.where(u <= 2, u, 4 - u) - 1
+
+
+class Zigzag(Target):
+    """f(x) = psi_a(<w*, x>), w* a uniformly random direction scaled to ``norm``."""
+
+    name = "zigzag"
+
+    def __init__(self, d: int, norm: float, a: int, seed: int, device: torch.device) -> None:
+        self.w = random_direction(d, seed, device) * norm
+        self.d, self.norm, self.a = d, float(norm), int(a)
+        self.mean = self.variance = None  # quadrature in the theory module
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return zigzag(x @ self.w, self.a)
+
+
+class Parity(Target):
+    """f(x) = prod_{i in S} x_i for a random set S of k coordinates; mean 0 and variance 1
+    under uniform {-1, +1}^d inputs and under N(0, I_d)."""
+
+    name = "parity"
+    exact_under = ("hypercube", "gaussian")
+
+    def __init__(self, d: int, k: int, seed: int, device: torch.device) -> None:
+        gen = make_generator(torch.device("cpu"), seed, stream=0)
+        self.subset = sorted(torch.randperm(d, generator=gen)[:k].tolist())
+        self.index = torch.tensor(self.subset, device=device)
+        self.d, self.k = d, k
+        self.mean, self.variance = 0.0, 1.0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, self.index].prod(dim=1)
+
+
 def build_target(cfg: DictConfig, device: torch.device) -> Target:
     """The target named by ``cfg.name``, on ``device`` (``cfg`` already validated)."""
     if cfg.name == "relu_neuron":
         return ReluNeuron(cfg.d, cfg.norm, cfg.bias, cfg.seed, device)
     if cfg.name == "polynomial":
         return HermitePolynomial(cfg.d, cfg.degree, cfg.terms, cfg.include_lower, cfg.seed, device)
-    raise ConfigError("target.name", cfg.name, "allowed: relu_neuron, polynomial")
+    if cfg.name == "zigzag":
+        return Zigzag(cfg.d, cfg.norm, cfg.a, cfg.seed, device)
+    return Parity(cfg.d, cfg.k, cfg.seed, device)

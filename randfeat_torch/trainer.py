@@ -6,6 +6,7 @@ once from the target's seed, and the host reads device values only at evaluation
 The loss is the mean squared error, summed over replicas (so each replica gets exactly the
 gradient of its own loss); the error reported everywhere is the normalised test error,
 test MSE / variance of the test targets (1.0 = predicting the mean).
+``optimizer=ridge`` replaces the loop by the closed-form fit of :mod:`randfeat_torch.ridge`.
 """
 
 from __future__ import annotations
@@ -19,14 +20,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from randfeat_torch.config import ConfigError, validate
-from randfeat_torch.models import TwoLayerNet, build_model
-from randfeat_torch.optim import build_optimizer
+from randfeat_torch.config import ConfigError, ridge_features, validate
+from randfeat_torch.models import LinearizedNet, TwoLayerNet, build_model
+from randfeat_torch.optim import GradientPrecision, build_optimizer
 from randfeat_torch.record import RunRecord
-from randfeat_torch.targets import Target, build_target, gaussian_inputs, make_generator
+from randfeat_torch.ridge import fit_ridge
+from randfeat_torch.targets import Target, build_target, make_generator, sample_inputs
+from randfeat_torch.theory import reference_errors
 
-TEST_STREAM, TRAIN_STREAM = 2, 3
+TEST_STREAM, TRAIN_STREAM, ROUNDING_STREAM = 2, 3, 4
 EVAL_ELEMENTS = 2**24  # hidden activations held at once while evaluating
+
+Model = TwoLayerNet | LinearizedNet
 
 
 @dataclass
@@ -35,12 +40,13 @@ class RunResult:
 
     status: str
     metrics: dict[str, torch.Tensor]
+    theory: dict[str, object]
     steps_done: int
     wall_time_s: float
     steps_per_s: float
     device: str
     run_dir: Path
-    model: TwoLayerNet
+    model: Model
 
     @property
     def test_error(self) -> float:
@@ -55,25 +61,38 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class TestSet:
-    """A fixed held-out sample (x: (n_test, d), y: (n_test,)) drawn from the target's seed,
-    so that every model of a sweep is scored on the same points."""
+class Data:
+    """Inputs from the configured distribution, labelled by the target, on the device."""
 
-    def __init__(self, target: Target, n_test: int, seed: int, device: torch.device):
+    def __init__(
+        self, cfg: DictConfig, target: Target, device: torch.device, seed: int, stream: int
+    ):
+        self.kind, self.d, self.target, self.device = cfg.input.name, cfg.d, target, device
+        self.gen = make_generator(device, seed, stream)
+
+    def draw(self, n: int, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """n fresh samples: x: (n, d) (in place into ``out`` if given), y: (n,)."""
+        x = sample_inputs(self.kind, n, self.d, self.gen, self.device, out=out)
+        return x, self.target(x)
+
+
+class TestSet:
+    """A fixed held-out sample drawn from the target's seed, so that every model of a sweep is
+    scored on the same points."""
+
+    def __init__(self, cfg: DictConfig, target: Target, device: torch.device):
         """Draw the sample; a target that is constant on it is refused (no error to normalise)."""
-        gen = make_generator(device, seed, TEST_STREAM)
-        self.x = gaussian_inputs(n_test, target.d, gen, device)
-        self.y = target(self.x)
+        self.x, self.y = Data(cfg, target, device, cfg.target.seed, TEST_STREAM).draw(cfg.n_test)
         self.variance = self.y.var(correction=0)
         if not float(self.variance) > 0:
             raise ConfigError(
                 "target",
                 target.name,
-                f"is constant on the {n_test} test inputs, so the normalised error is undefined",
+                f"is constant on the {cfg.n_test} test inputs: no variance to normalise by",
             )
 
     @torch.no_grad()
-    def evaluate(self, model: TwoLayerNet) -> dict[str, torch.Tensor]:
+    def evaluate(self, model: Model) -> dict[str, torch.Tensor]:
         """Test MSE and normalised test error per replica, each (R,), in bounded memory."""
         n = self.x.shape[0]
         chunk = max(1, EVAL_ELEMENTS // (model.replicas * model.width))
@@ -87,28 +106,25 @@ class TestSet:
 class Batches:
     """Training minibatches on the device: online draws, or shuffled passes over n_train."""
 
-    def __init__(self, cfg: DictConfig, target: Target, device: torch.device):
-        self.gen = make_generator(device, cfg.seed, TRAIN_STREAM)
-        self.target, self.batch_size, self.device = target, cfg.batch_size, device
+    def __init__(self, cfg: DictConfig, data: Data):
+        self.data, self.batch_size, self.gen = data, cfg.batch_size, data.gen
         self.online = cfg.n_train is None
         if self.online:
-            self.x = torch.empty(cfg.batch_size, cfg.d, device=device)
+            self.x = torch.empty(cfg.batch_size, cfg.d, device=data.device)
         else:
-            self.x = gaussian_inputs(cfg.n_train, cfg.d, self.gen, device)
-            self.y = target(self.x)
-            self.order = torch.empty(0, dtype=torch.long, device=device)
+            self.x, self.y = data.draw(cfg.n_train)
+            self.order = torch.empty(0, dtype=torch.long, device=data.device)
             self.pos = 0
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (batch, d), y: (batch,)."""
         if self.online:
-            gaussian_inputs(self.batch_size, self.x.shape[1], self.gen, self.device, out=self.x)
-            return self.x, self.target(self.x)
+            return self.data.draw(self.batch_size, out=self.x)
         n = self.x.shape[0]
         if n == self.batch_size:  # full-batch gradient descent
             return self.x, self.y
         if self.pos + self.batch_size > self.order.numel():
-            self.order = torch.randperm(n, generator=self.gen, device=self.device)
+            self.order = torch.randperm(n, generator=self.gen, device=self.data.device)
             self.pos = 0
         idx = self.order[self.pos : self.pos + self.batch_size]
         self.pos += self.batch_size
@@ -120,13 +136,14 @@ def hparams_of(cfg: DictConfig) -> dict[str, object]:
     return {
         "model": cfg.model.name,
         "target": cfg.target.name,
+        "input": cfg.input.name,
         "optimizer": cfg.optimizer.name,
         "d": cfg.d,
         "width": cfg.width,
         "replicas": cfg.replicas,
         "seed": cfg.seed,
         "target_seed": cfg.target.seed,
-        "lr": cfg.optimizer.lr,
+        "lr": cfg.optimizer.get("lr"),
         "steps": cfg.steps,
         "batch_size": cfg.batch_size,
         "n_train": cfg.n_train,
@@ -141,13 +158,90 @@ def train(cfg: DictConfig, run_dir: Path | str) -> RunResult:
     validate(cfg)
     device = resolve_device(cfg.device)
     target = build_target(cfg.target, device)
-    test_set = TestSet(target, cfg.n_test, cfg.target.seed, device)
+    test_set = TestSet(cfg, target, device)
     model = build_model(cfg.model, cfg.seed, device)
-    optimizer, scheduler = build_optimizer(cfg.optimizer, model, cfg.steps)
-    batches = Batches(cfg, target, device)
+    data = Data(cfg, target, device, cfg.seed, TRAIN_STREAM)
+    theory = reference_errors(cfg, target, model)
 
     record = RunRecord(Path(run_dir), OmegaConf.to_container(cfg, resolve=True), hparams_of(cfg))
-    record.write("running", device=str(device))
+    record.write("running", device=str(device), theory=theory)
+    record.log_theory(0, theory)
+    initial = {**test_set.evaluate(model), "train_loss": torch.full((cfg.replicas,), torch.nan)}
+    record.log_eval(0, initial)
+    fit = fit_by_ridge if cfg.optimizer.name == "ridge" else fit_by_gradient
+    loop_start = time.perf_counter()
+    try:
+        status, metrics, steps_done = fit(cfg, model, data, test_set, record, start)
+    except KeyboardInterrupt:
+        record.write("interrupted", wall_time_s=time.perf_counter() - start)
+        record.close(None, 0)
+        raise
+    except Exception as error:
+        record.write(
+            "failed",
+            error=f"{type(error).__name__}: {error}",
+            wall_time_s=time.perf_counter() - start,
+        )
+        record.close(None, 0)
+        raise
+    loop_time = time.perf_counter() - loop_start
+    wall_time = time.perf_counter() - start
+    record.log_theory(steps_done, theory)
+    record.write(
+        status,
+        metrics=metrics,
+        steps_done=steps_done,
+        wall_time_s=wall_time,
+        steps_per_s=steps_done / loop_time,
+    )
+    record.close(metrics, steps_done)
+    return RunResult(
+        status,
+        metrics,
+        theory,
+        steps_done,
+        wall_time,
+        steps_done / loop_time,
+        str(device),
+        Path(run_dir),
+        model,
+    )
+
+
+def fit_by_ridge(
+    cfg: DictConfig, model: Model, data: Data, test_set: TestSet, record: RunRecord, start: float
+) -> tuple[str, dict[str, torch.Tensor], int]:
+    """The closed-form output layer on n_train fresh samples, streamed in chunks (one 'step')."""
+    solution = fit_ridge(
+        model.ridge_features,
+        data.draw,
+        n=cfg.n_train,
+        replicas=cfg.replicas,
+        num_features=ridge_features(cfg),
+        relative_penalty=cfg.optimizer.penalty,
+        device=data.device,
+        chunk_size=cfg.optimizer.chunk_size,
+    )
+    model.load_ridge_solution(solution.beta.float(), solution.c.float())
+    metrics = {**test_set.evaluate(model), "train_loss": solution.train_mse.float()}
+    record.log_eval(1, metrics)
+    finite = torch.isfinite(metrics["test_error"])
+    record.write(
+        "running",
+        ridge={"lambda": solution.penalty.tolist(), "eigen_fallback": solution.fallback},
+    )
+    return ("ok" if bool(finite.all()) else "diverged"), metrics, 1
+
+
+def fit_by_gradient(
+    cfg: DictConfig, model: Model, data: Data, test_set: TestSet, record: RunRecord, start: float
+) -> tuple[str, dict[str, torch.Tensor], int]:
+    """The optimizer loop: ``steps`` minibatch steps, evaluating every ``eval_every``."""
+    device = data.device
+    batches = Batches(cfg, data)
+    optimizer, scheduler = build_optimizer(cfg.optimizer, model, cfg.steps)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    precision = GradientPrecision(cfg.optimizer, make_generator(device, cfg.seed, ROUNDING_STREAM))
     progress = tqdm(
         total=cfg.steps,
         desc=f"{cfg.model.name} d={cfg.d} width={cfg.width}",
@@ -155,72 +249,40 @@ def train(cfg: DictConfig, run_dir: Path | str) -> RunResult:
         dynamic_ncols=True,
     )
     loss_sum = torch.zeros(cfg.replicas, device=device)
-    steps_in_sum, step, status = 0, 0, "ok"
-    metrics = {**test_set.evaluate(model), "train_loss": torch.full_like(loss_sum, float("nan"))}
-    record.log_eval(0, metrics)
+    steps_in_sum, status, metrics = 0, "ok", {}
     loop_start = time.perf_counter()
-    try:
+    with progress:
         for step in range(1, cfg.steps + 1):
             x, y = batches.next()
             per_replica = (model(x) - y).square().mean(dim=1)  # (R,)
             optimizer.zero_grad(set_to_none=True)
             per_replica.sum().backward()
+            if precision.active:
+                precision.apply(params)
             optimizer.step()
             scheduler.step()
             loss_sum += per_replica.detach()
             steps_in_sum += 1
             progress.update()
 
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                metrics = {**test_set.evaluate(model), "train_loss": loss_sum / steps_in_sum}
-                loss_sum.zero_()
-                steps_in_sum = 0
-                record.log_eval(step, metrics)
-                finite = torch.isfinite(metrics["train_loss"]) & torch.isfinite(
-                    metrics["test_error"]
-                )
-                progress.set_postfix(test_error=f"{float(metrics['test_error'].mean()):.4g}")
-                elapsed = time.perf_counter() - loop_start
-                fields = dict(
-                    metrics=metrics,
-                    steps_done=step,
-                    wall_time_s=time.perf_counter() - start,
-                    steps_per_s=step / elapsed,
-                )
-                if not bool(finite.all()):
-                    status = "diverged"
-                    diverged = (~finite).nonzero().flatten().tolist()
-                    record.write("running", diverged_replicas=diverged, **fields)
-                    if not bool(finite.any()):
-                        break
-                else:
-                    record.write("running", **fields)
-    except KeyboardInterrupt:
-        record.write("interrupted", steps_done=step, wall_time_s=time.perf_counter() - start)
-        record.close(None, step)
-        raise
-    except Exception as error:
-        record.write(
-            "failed",
-            error=f"{type(error).__name__}: {error}",
-            steps_done=step,
-            wall_time_s=time.perf_counter() - start,
-        )
-        record.close(None, step)
-        raise
-    finally:
-        progress.close()
-
-    loop_time = time.perf_counter() - loop_start
-    wall_time = time.perf_counter() - start
-    record.write(
-        status,
-        metrics=metrics,
-        steps_done=step,
-        wall_time_s=wall_time,
-        steps_per_s=step / loop_time,
-    )
-    record.close(metrics, step)
-    return RunResult(
-        status, metrics, step, wall_time, step / loop_time, str(device), Path(run_dir), model
-    )
+            if step % cfg.eval_every and step != cfg.steps:
+                continue
+            metrics = {**test_set.evaluate(model), "train_loss": loss_sum / steps_in_sum}
+            loss_sum.zero_()
+            steps_in_sum = 0
+            record.log_eval(step, metrics)
+            progress.set_postfix(test_error=f"{float(metrics['test_error'].mean()):.4g}")
+            finite = torch.isfinite(metrics["train_loss"]) & torch.isfinite(metrics["test_error"])
+            fields = dict(
+                metrics=metrics,
+                steps_done=step,
+                wall_time_s=time.perf_counter() - start,
+                steps_per_s=step / (time.perf_counter() - loop_start),
+            )
+            if not bool(finite.all()):
+                status = "diverged"
+                fields["diverged_replicas"] = (~finite).nonzero().flatten().tolist()
+            record.write("running", **fields)
+            if not bool(finite.any()):
+                break
+    return status, metrics, step

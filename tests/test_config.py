@@ -11,7 +11,9 @@ from randfeat_torch.cli import CONFIG_DIR
 from randfeat_torch.config import ConfigError, validate
 from randfeat_torch.models import build_model
 from randfeat_torch.optim import build_optimizer
-from randfeat_torch.targets import build_target
+from randfeat_torch.trainer import train
+
+CPU = torch.device("cpu")
 
 GROUP_OPTIONS = [
     (group, path.stem)
@@ -26,20 +28,27 @@ def test_every_group_has_its_options():
     assert {"optimizer/sgd", "optimizer/adam"} <= names
 
 
+NEEDS = {"optimizer/ridge": ["model=frozen", "n_train=64"]}
+
+
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)
-def test_every_yaml_composes_and_builds(make_cfg, group, option):
-    cfg = make_cfg(f"{group}={option}")
+def test_every_yaml_composes_and_trains(make_cfg, tmp_path, group, option):
+    cfg = make_cfg(f"{group}={option}", *NEEDS.get(f"{group}/{option}", []))
     validate(cfg)
-    assert cfg[group].name == option or (group == "model" and cfg.model.name == option)
-    target = build_target(cfg.target, torch.device("cpu"))
-    model = build_model(cfg.model, cfg.seed, torch.device("cpu"))
-    optimizer, _ = build_optimizer(cfg.optimizer, model, cfg.steps)
-    y = target(torch.randn(5, cfg.d))
-    assert y.shape == (5,)
-    assert model(torch.randn(5, cfg.d)).shape == (cfg.replicas, 5)
+    assert cfg[group].name == option
+    result = train(cfg, tmp_path)
+    assert result.status == "ok"
+    assert result.model(torch.randn(5, cfg.d)).shape == (cfg.replicas, 5)
+    assert 0 < result.test_error < 10
+
+
+@pytest.mark.parametrize("regime", ["trainable", "frozen", "linearized"])
+def test_the_optimizer_gets_the_parameters_of_the_regime(make_cfg, regime):
+    cfg = make_cfg(f"model={regime}")
+    optimizer, _ = build_optimizer(cfg.optimizer, build_model(cfg.model, 0, CPU), cfg.steps)
     trained = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     first_layer = cfg.width * cfg.d + cfg.width
-    assert trained == cfg.width + 1 + (0 if cfg.model.freeze_first_layer else first_layer)
+    assert trained == cfg.width + 1 + (0 if regime == "frozen" else first_layer)
 
 
 def test_groups_read_the_top_level_knobs(make_cfg):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from randfeat_torch.models import TwoLayerNet
+from randfeat_torch.models import LinearizedNet, TwoLayerNet
 
 
 def test_shapes_with_replicas():
@@ -64,3 +64,39 @@ def test_sphere_init_and_zero_output_init():
     net = TwoLayerNet(d=6, width=10, init="sphere", output_init="zero")
     assert torch.allclose(net.w.norm(dim=-1), torch.ones(1, 10))
     assert torch.equal(net.a, torch.zeros(1, 10))
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "tanh", "softplus", "quadratic"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linearized_net_equals_the_net_and_its_gradient_at_init(activation, bias):
+    net = TwoLayerNet(d=4, width=9, replicas=2, activation=activation, bias=bias, seed=3)
+    lin = LinearizedNet(net)
+    x = torch.randn(13, 4, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(lin(x), net(x), atol=1e-6)
+    net(x).square().sum().backward()
+    lin(x).square().sum().backward()
+    pairs = [(lin.a, net.a), (lin.dw, net.w), (lin.c, net.c)] + ([(lin.db, net.b)] if bias else [])
+    for mine, theirs in pairs:
+        assert torch.allclose(mine.grad, theirs.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_linearized_net_is_linear_in_its_ridge_features():
+    lin = LinearizedNet(TwoLayerNet(d=3, width=5, replicas=2, seed=0))
+    gen = torch.Generator().manual_seed(2)
+    beta = torch.randn(2, 5 * (3 + 2), generator=gen)
+    c = torch.randn(2, generator=gen)
+    lin.load_ridge_solution(beta, c)
+    x = torch.randn(7, 3, generator=gen)
+    expected = (lin.ridge_features(x) @ beta.unsqueeze(-1)).squeeze(-1) + c.unsqueeze(1)
+    assert torch.allclose(lin(x), expected, atol=1e-5)
+    # Far from init the linearization and the net part ways (it is a different model).
+    assert lin.dw.abs().sum() > 0
+
+
+def test_frozen_net_is_linear_in_its_ridge_features():
+    net = TwoLayerNet(d=3, width=5, replicas=2, freeze_first_layer=True, parameterization="ntk")
+    beta, c = torch.randn(2, 5), torch.randn(2)
+    net.load_ridge_solution(beta, c)
+    x = torch.randn(7, 3)
+    expected = (net.ridge_features(x) @ beta.unsqueeze(-1)).squeeze(-1) + c.unsqueeze(1)
+    assert torch.allclose(net(x), expected, atol=1e-5)

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
 
-from randfeat_torch.targets import HermitePolynomial, ReluNeuron, hermite_orthonormal
+from randfeat_torch.targets import (
+    HermitePolynomial,
+    Parity,
+    ReluNeuron,
+    Zigzag,
+    hermite_orthonormal,
+    sample_inputs,
+    zigzag,
+)
 
 CPU = torch.device("cpu")
 N_MC = 400_000
@@ -71,3 +80,58 @@ def test_target_seed_alone_decides_the_target():
     p = HermitePolynomial(9, 2, 5, False, seed=0, device=CPU)
     q = HermitePolynomial(9, 2, 5, False, seed=0, device=CPU)
     assert p.monomials == q.monomials and torch.equal(p.coef, q.coef)
+
+
+def zigzag_by_relus(z: torch.Tensor, a: int) -> torch.Tensor:
+    """psi_a as its definition: -1 + [z+a]_+ + sum_i 2 (-1)^i [z+a-2i]_+ - [z-a]_+."""
+    out = -1 + torch.relu(z + a) - torch.relu(z - a)
+    for i in range(1, a):
+        out = out + 2 * (-1) ** i * torch.relu(z + a - 2 * i)
+    return out
+
+
+@pytest.mark.parametrize("a", [1, 3, 5, 9])
+def test_zigzag_closed_form_equals_the_sum_of_relus(a):
+    z = torch.linspace(-a - 5, a + 5, 20_001, dtype=torch.float64)
+    assert torch.allclose(zigzag(z, a), zigzag_by_relus(z, a), atol=1e-9)
+
+
+def test_zigzag_is_a_triangle_wave_of_period_4_with_flat_tails():
+    a = 7
+    z = torch.linspace(-a, a - 4, 5001, dtype=torch.float64)
+    assert torch.allclose(zigzag(z, a), zigzag(z + 4, a), atol=1e-9)  # period 4 inside
+    assert float(zigzag(z, a).min()) == -1 and float(zigzag(z, a).max()) == pytest.approx(1)
+    tails = torch.tensor([-a - 100.0, -a - 0.5, a + 0.5, a + 1e6], dtype=torch.float64)
+    assert zigzag(tails, a).tolist() == [-1.0, -1.0, 1.0, 1.0]
+
+
+def test_zigzag_target_uses_a_direction_of_the_given_norm():
+    target = Zigzag(6, norm=6.0, a=217, seed=0, device=CPU)
+    assert float(target.w.norm()) == pytest.approx(6.0, rel=1e-6)
+    x = torch.randn(100, 6)
+    assert torch.equal(target(x), zigzag(x @ target.w, 217))
+
+
+def test_parity_values_and_orthogonality_to_every_lower_order_parity():
+    d, k = 6, 3
+    target = Parity(d, k, seed=2, device=CPU)
+    cube = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=d)))  # all 2^d points
+    y = target(cube)
+    assert set(y.tolist()) == {-1.0, 1.0}
+    assert torch.equal(y, cube[:, target.subset].prod(1))
+    for size in range(d + 1):
+        for subset in itertools.combinations(range(d), size):
+            correlation = float((y * cube[:, list(subset)].prod(1)).mean())
+            assert correlation == (1.0 if list(subset) == target.subset else 0.0)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "sphere", "hypercube"])
+def test_input_distributions(kind):
+    x = sample_inputs(kind, 20_000, 9, torch.Generator().manual_seed(0), CPU)
+    assert x.shape == (20_000, 9)
+    assert float(x.square().sum(1).mean()) == pytest.approx(9, rel=0.02)  # E|x|^2 = d for all
+    if kind == "sphere":
+        assert torch.allclose(x.norm(dim=1), torch.full((20_000,), 3.0))
+    if kind == "hypercube":
+        assert set(x.unique().tolist()) == {-1.0, 1.0}
+    assert float(x.mean().abs()) < 0.02

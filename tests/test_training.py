@@ -7,10 +7,11 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from randfeat_torch.config import ConfigError
 from randfeat_torch.models import build_model
-from randfeat_torch.optim import build_optimizer
+from randfeat_torch.optim import GradientPrecision, build_optimizer
 
 LEARN = ["d=8", "width=256", "steps=1500", "batch_size=128", "eval_every=500", "n_test=4000"]
 
@@ -97,3 +98,44 @@ def test_divergence_stops_the_run_with_status_diverged(run):
 def test_a_constant_target_is_refused(run):
     with pytest.raises(ConfigError, match="is constant on the 512 test inputs"):
         run("target.bias=-100")
+
+
+def test_grad_precision_quantises_every_applied_update(run, make_cfg):
+    overrides = ["optimizer.momentum=0", "optimizer.grad_precision=0.01", "optimizer.lr=0.1"]
+    overrides += ["steps=7", "eval_every=7"]
+    init = build_model(make_cfg(*overrides).model, 0, torch.device("cpu"))
+    result = run(*overrides)
+    for name in ("w", "b", "a", "c"):
+        moved = (getattr(result.model, name) - getattr(init, name)).detach().double()
+        units = moved / (0.1 * 0.01)
+        assert torch.allclose(units, units.round(), atol=2e-3), name
+        assert units.abs().max() > 0.5, name
+
+
+def test_grad_clip_then_round_to_nearest():
+    cfg = OmegaConf.create({"grad_clip": 0.25, "grad_precision": 0.1, "stochastic_rounding": False})
+    p = torch.zeros(5, requires_grad=True)
+    p.grad = torch.tensor([5.0, -5.0, 0.03, 0.07, -0.14])
+    GradientPrecision(cfg, torch.Generator()).apply([p])
+    assert torch.allclose(p.grad, torch.tensor([0.2, -0.2, 0.0, 0.1, -0.1]))
+
+
+def test_stochastic_rounding_is_unbiased():
+    cfg = OmegaConf.create({"grad_clip": None, "grad_precision": 0.1, "stochastic_rounding": True})
+    p = torch.zeros(200_000, requires_grad=True)
+    p.grad = torch.full_like(p, 0.03)
+    GradientPrecision(cfg, torch.Generator().manual_seed(0)).apply([p])
+    assert p.grad.unique().tolist() == [0.0, pytest.approx(0.1)]
+    assert float(p.grad.mean()) == pytest.approx(0.03, rel=0.02)
+
+
+@pytest.mark.parametrize("model", ["frozen", "linearized"])
+def test_linearized_and_frozen_models_train_by_sgd(run, model):
+    result = run(*LEARN, f"model={model}")
+    assert result.status == "ok" and result.test_error < 0.3
+
+
+def test_parity_runs_on_the_hypercube(run):
+    result = run("target=parity", "target.k=2", "steps=40", "eval_every=20")
+    assert result.status == "ok"
+    assert result.model(torch.ones(1, 8)).shape == (1, 1)

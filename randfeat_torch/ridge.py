@@ -1,0 +1,110 @@
+"""Closed-form fit of a model that is linear in its trained parameters (frozen or linearized net).
+
+Minimises (1/n) sum_i (y_i - <phi(x_i), beta> - c)^2 + lambda |beta|^2 over beta and the
+unpenalised output bias c, for every replica at once, in float64. The n training samples are
+drawn and turned into features chunk by chunk, accumulated into the P x P Gram matrix, and
+never held together: memory is O(R P^2), whatever n is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+CHUNK_ELEMENTS = 2**22  # features held at once (float64: 32 MiB)
+
+
+@dataclass
+class RidgeFit:
+    """The fitted beta: (R, P) and c: (R,), the training MSE (R,), and lambda used (R,)."""
+
+    beta: torch.Tensor
+    c: torch.Tensor
+    train_mse: torch.Tensor
+    penalty: torch.Tensor
+    fallback: bool
+
+
+class GramAccumulator:
+    """Running sums for centred least squares over chunks of (features, targets)."""
+
+    def __init__(self, replicas: int, features: int, device: torch.device) -> None:
+        kw = dict(dtype=torch.float64, device=device)
+        self.n = 0
+        self.gram = torch.zeros(replicas, features, features, **kw)  # sum phi phi^T
+        self.phi_y = torch.zeros(replicas, features, **kw)  # sum phi y
+        self.phi_sum = torch.zeros(replicas, features, **kw)
+        self.y_sum = torch.zeros((), **kw)
+        self.y_sq = torch.zeros((), **kw)
+
+    def add(self, phi: torch.Tensor, y: torch.Tensor) -> None:
+        """phi: (R, m, P), y: (m,)."""
+        phi, y = phi.double(), y.double()
+        self.n += y.shape[0]
+        self.gram.baddbmm_(phi.transpose(1, 2), phi)
+        self.phi_y += torch.einsum("rmp,m->rp", phi, y)
+        self.phi_sum += phi.sum(dim=1)
+        self.y_sum += y.sum()
+        self.y_sq += y.square().sum()
+
+    def solve(self, relative_penalty: float) -> RidgeFit:
+        """Centre, add lambda = relative_penalty * trace(C) / P, and solve C beta = q."""
+        n = self.n
+        mu = self.phi_sum / n  # (R, P)
+        y_mean = self.y_sum / n
+        cov = self.gram / n - mu.unsqueeze(2) * mu.unsqueeze(1)  # C = Cov(phi)
+        q = self.phi_y / n - mu * y_mean  # Cov(phi, y)
+        y_var = self.y_sq / n - y_mean.square()
+        features = cov.shape[-1]
+        penalty = relative_penalty * cov.diagonal(dim1=1, dim2=2).sum(-1) / features
+        system = cov + penalty.view(-1, 1, 1) * torch.eye(
+            features, dtype=cov.dtype, device=cov.device
+        )
+        beta, fallback = solve_psd(system, q)
+        train_mse = y_var - 2 * (beta * q).sum(-1) + torch.einsum("rp,rpq,rq->r", beta, cov, beta)
+        c = y_mean - (mu * beta).sum(-1)
+        return RidgeFit(beta, c, train_mse.clamp_min(0), penalty, fallback)
+
+
+def solve_psd(system: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Solve system @ x = rhs for symmetric PSD systems (R, P, P), rhs (R, P), in their dtype.
+
+    Cholesky when every replica's factor exists with all pivots^2 above P * 1e-13 * the largest
+    diagonal entry; otherwise the eigen-decomposition pseudo-inverse, dropping directions with
+    eigenvalues below P * 1e-13 * the largest: the minimum-norm least-squares solution, still
+    correct for rank-deficient features, where a plain Cholesky (or lstsq's default rcond in
+    float32) would silently go wrong. Returns (x, fell_back).
+    """
+    rcond = system.shape[-1] * 1e-13
+    factor, info = torch.linalg.cholesky_ex(system)
+    pivots = factor.diagonal(dim1=-2, dim2=-1).square().amin(dim=-1)
+    scale = system.diagonal(dim1=-2, dim2=-1).amax(dim=-1)
+    if bool(((info == 0) & (pivots > rcond * scale)).all()):
+        return torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1), False
+    eigenvalues, vectors = torch.linalg.eigh(system)
+    kept = torch.where(eigenvalues > rcond * eigenvalues[:, -1:], eigenvalues, torch.inf)
+    coords = (vectors.transpose(1, 2) @ rhs.unsqueeze(-1)).squeeze(-1) / kept
+    return (vectors @ coords.unsqueeze(-1)).squeeze(-1), True
+
+
+def fit_ridge(
+    features: Callable[[torch.Tensor], torch.Tensor],
+    draw: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    n: int,
+    replicas: int,
+    num_features: int,
+    relative_penalty: float,
+    device: torch.device,
+    chunk_size: int | None = None,
+) -> RidgeFit:
+    """Ridge on n samples from ``draw(m) -> (x: (m, d), y: (m,))``, in chunks of ``chunk_size``
+    (default: about CHUNK_ELEMENTS features per chunk); ``features(x) -> (R, m, P)``."""
+    chunk = chunk_size or max(1, CHUNK_ELEMENTS // (replicas * num_features))
+    sums = GramAccumulator(replicas, num_features, device)
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            x, y = draw(min(chunk, n - start))
+            sums.add(features(x), y)
+    return sums.solve(relative_penalty)

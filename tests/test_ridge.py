@@ -1,0 +1,145 @@
+"""The closed-form fit: exact in-span recovery, SGD and theory agreement, streaming, rank."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from randfeat_torch.config import ConfigError
+from randfeat_torch.models import TwoLayerNet
+from randfeat_torch.ridge import fit_ridge
+
+CPU = torch.device("cpu")
+
+
+def in_span_problem(width: int = 12, d: int = 5, seed: int = 0):
+    """A frozen net and a draw() whose targets are exactly in the span of its features."""
+    net = TwoLayerNet(d=d, width=width, freeze_first_layer=True, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 100)
+    beta = torch.randn(1, width, generator=gen)
+    c = torch.tensor([0.7])
+
+    def draw(m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(m, d, generator=gen)
+        return x, (net.ridge_features(x) @ beta.unsqueeze(-1)).squeeze(-1)[0] + c
+
+    return net, draw, beta, c
+
+
+def test_ridge_recovers_a_target_in_the_span_of_the_features():
+    net, draw, beta, c = in_span_problem()
+    fit = fit_ridge(net.ridge_features, draw, 2000, 1, net.width, 0.0, CPU)
+    assert torch.allclose(fit.beta.float(), beta, atol=1e-4)
+    assert float(fit.c) == pytest.approx(float(c), abs=1e-4)
+    assert float(fit.train_mse) < 1e-10
+    net.load_ridge_solution(fit.beta.float(), fit.c.float())
+    x, y = draw(500)
+    assert float((net(x).detach()[0] - y).square().mean() / y.var()) < 1e-8
+
+
+def test_streaming_uses_bounded_chunks_and_gives_the_same_fit():
+    net = TwoLayerNet(d=5, width=12, freeze_first_layer=True, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    x_all = torch.randn(10_000, 5, generator=gen)
+    y_all = torch.relu(x_all[:, 0]) + 0.3 * torch.randn(10_000, generator=gen)
+
+    def fit(chunk_size: int) -> tuple[object, list[int]]:
+        sizes: list[int] = []
+
+        def draw(m: int) -> tuple[torch.Tensor, torch.Tensor]:
+            start = sum(sizes)
+            sizes.append(m)
+            return x_all[start : start + m], y_all[start : start + m]
+
+        return fit_ridge(net.ridge_features, draw, 10_000, 1, 12, 1e-6, CPU, chunk_size), sizes
+
+    chunked, sizes = fit(97)
+    assert max(sizes) == 97 and sum(sizes) == 10_000 and len(sizes) == 104
+    whole, sizes = fit(10_000)
+    assert sizes == [10_000]
+    assert torch.allclose(chunked.beta, whole.beta, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(chunked.train_mse, whole.train_mse, rtol=1e-9)
+
+
+def test_rank_deficient_features_fall_back_to_the_minimum_norm_solution():
+    net = TwoLayerNet(d=4, width=6, freeze_first_layer=True, seed=1)
+    with torch.no_grad():  # duplicate features: the Gram matrix is singular
+        net.w[0, 3:] = net.w[0, :3]
+        net.b[0, 3:] = net.b[0, :3]
+    gen = torch.Generator().manual_seed(5)
+
+    def draw(m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(m, 4, generator=gen)
+        return x, torch.sin(x.sum(1))
+
+    fit = fit_ridge(net.ridge_features, draw, 5000, 1, 6, 0.0, CPU)
+    assert fit.fallback
+    assert torch.allclose(fit.beta[0, :3], fit.beta[0, 3:], atol=1e-8)  # minimum norm splits
+    gen.manual_seed(5)
+    half = TwoLayerNet(d=4, width=3, freeze_first_layer=True, seed=1)
+    with torch.no_grad():
+        half.w.copy_(net.w[:, :3])
+        half.b.copy_(net.b[:, :3])
+    reduced = fit_ridge(half.ridge_features, draw, 5000, 1, 3, 0.0, CPU)
+    assert torch.allclose(
+        fit.beta[0, :3] * 2 * half.multiplier / net.multiplier, reduced.beta[0], rtol=1e-6
+    )
+    assert float(fit.train_mse) == pytest.approx(float(reduced.train_mse), rel=1e-9)
+
+
+def test_more_features_than_samples_interpolates(run):
+    result = run("model=frozen", "optimizer=ridge", "n_train=40", "width=64", "optimizer.penalty=0")
+    assert result.status == "ok"
+    assert float(result.metrics["train_loss"][0]) < 1e-8
+
+
+def test_ridge_matches_the_long_run_optimum_of_full_batch_gradient_descent(run):
+    common = ["model=frozen", "d=4", "width=16", "n_train=256", "n_test=2000"]
+    ridge = run(*common, "optimizer=ridge", "optimizer.penalty=0")
+    gd = run(*common, "batch_size=256", "steps=4000", "eval_every=100", "optimizer.lr=0.5")
+    assert gd.test_error == pytest.approx(ridge.test_error, rel=1e-3)
+    assert float(gd.metrics["train_loss"][0]) == pytest.approx(
+        float(ridge.metrics["train_loss"][0]), rel=1e-3
+    )
+
+
+def test_ridge_agrees_with_the_exact_population_error(run):
+    result = run(
+        "model=frozen",
+        "model.bias=false",
+        "optimizer=ridge",
+        "d=8",
+        "width=32",
+        "n_train=200000",
+        "n_test=200000",
+    )
+    exact = result.theory["rf_population_error"]
+    assert 0.03 < exact < 0.27  # between the best quadratic and the best linear residuals
+    assert result.test_error == pytest.approx(exact, abs=0.01, rel=0.05)
+
+
+def test_ridge_fits_every_replica(run):
+    result = run("model=frozen", "optimizer=ridge", "n_train=2000", "replicas=3")
+    errors = result.metrics["test_error"]
+    assert errors.shape == (3,) and len(set(errors.tolist())) == 3
+    assert bool((errors < 0.3).all())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optimizer=ridge", "n_train=100"], "optimizer=ridge (fits only a model that is linear"),
+        (["optimizer=ridge", "model=frozen"], "n_train=None (optimizer=ridge needs a finite"),
+        (
+            ["optimizer=ridge", "model=frozen", "n_train=10", "optimizer.penalty=-1"],
+            "optimizer.penalty=-1",
+        ),
+        (
+            ["optimizer=ridge", "model=linearized", "n_train=10", "width=4096", "d=512"],
+            "GiB for its float64 Gram matrices",
+        ),
+    ],
+)
+def test_ridge_refuses_what_it_cannot_fit(run, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        run(*overrides)
