@@ -50,20 +50,24 @@ class GramAccumulator:
         self.y_sq += y.square().sum()
 
     def solve(self, relative_penalty: float) -> RidgeFit:
-        """Centre, add lambda = relative_penalty * trace(C) / P, and solve C beta = q."""
+        """Centre, add lambda = relative_penalty * trace(C) / P, and solve (C + lambda) beta = q.
+        Works in place on the Gram matrix, so that the solve holds two P x P matrices per
+        replica (the system and its factor); the accumulator is spent afterwards."""
         n = self.n
         mu = self.phi_sum / n  # (R, P)
         y_mean = self.y_sum / n
-        cov = self.gram / n - mu.unsqueeze(2) * mu.unsqueeze(1)  # C = Cov(phi)
+        system = self.gram.div_(n).baddbmm_(mu.unsqueeze(2), mu.unsqueeze(1), alpha=-1)  # Cov phi
         q = self.phi_y / n - mu * y_mean  # Cov(phi, y)
         y_var = self.y_sq / n - y_mean.square()
-        features = cov.shape[-1]
-        penalty = relative_penalty * cov.diagonal(dim1=1, dim2=2).sum(-1) / features
-        system = cov + penalty.view(-1, 1, 1) * torch.eye(
-            features, dtype=cov.dtype, device=cov.device
-        )
+        diagonal = system.diagonal(dim1=1, dim2=2)
+        penalty = relative_penalty * diagonal.sum(-1) / system.shape[-1]
+        diagonal.add_(penalty.unsqueeze(-1))
         beta, fallback = solve_psd(system, q)
-        train_mse = y_var - 2 * (beta * q).sum(-1) + torch.einsum("rp,rpq,rq->r", beta, cov, beta)
+        # Training MSE = Var y - 2 <beta, q> + beta^T C beta, with C = system - lambda I.
+        quadratic = torch.einsum("rp,rpq,rq->r", beta, system, beta) - penalty * beta.square().sum(
+            -1
+        )
+        train_mse = y_var - 2 * (beta * q).sum(-1) + quadratic
         c = y_mean - (mu * beta).sum(-1)
         return RidgeFit(beta, c, train_mse.clamp_min(0), penalty, fallback)
 

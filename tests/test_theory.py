@@ -3,6 +3,7 @@ random-features population error, each against closed forms, quadrature or Monte
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -205,3 +206,51 @@ def test_rf_error_handles_replicas_and_float32_input():
         assert float(alone[0]) == pytest.approx(float(errors[r]), abs=1e-12)
     with pytest.raises(ValueError):
         relu_rf_population_error(w, torch.randn(7))
+
+
+def test_reference_errors_go_into_the_record_and_tensorboard(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = run("model=frozen", "model.bias=false")
+    theory = result.theory
+    assert theory["best_constant"] == 1.0
+    assert theory["best_degree_1"] == pytest.approx(1 - 0.25 / (0.5 - 1 / (2 * math.pi)))
+    assert theory["best_degree_2"] < theory["best_degree_1"]
+    assert theory["best_degree_3"] == pytest.approx(theory["best_degree_2"])  # odd k >= 3 vanish
+    assert 0 < theory["rf_population_error"] < 1
+    record = json.loads((result.run_dir / "metrics.json").read_text())
+    assert record["theory"] == pytest.approx(theory)
+    events = EventAccumulator(str(result.run_dir))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("theory/rf_population_error")]
+    assert steps == [0, result.steps_done]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["input=sphere"], set()),  # Gaussian closed forms: omitted, not wrong
+        (["model=trainable"], {"best_constant", "best_degree_1", "best_degree_4"}),
+        (["target=parity", "target.k=3"], {"best_degree_2", "best_degree_3"}),
+        (["target=parity", "input=sphere"], set()),
+        (["target=zigzag"], {"best_degree_1", "best_degree_4"}),
+        (["target=polynomial", "target.degree=5"], {"best_degree_5"}),
+    ],
+)
+def test_reference_errors_appear_only_where_they_apply(run, overrides, expected):
+    theory = run(*overrides).theory
+    assert expected <= set(theory)
+    assert not expected or "rf_population_error" not in theory
+    if not expected:
+        assert theory == {}
+
+
+def test_parity_reference_errors_are_a_step(run):
+    theory = run("target=parity", "target.k=3").theory
+    assert [theory[f"best_degree_{k}"] for k in range(1, 5)] == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_polynomial_reference_errors_split_its_energy_by_degree(run):
+    theory = run("target=polynomial", "target.degree=3", "target.include_lower=true").theory
+    assert theory["best_degree_3"] == pytest.approx(0, abs=1e-12)
+    assert 1 >= theory["best_degree_1"] >= theory["best_degree_2"] >= 0
