@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: help setup train test lint format tensorboard clean
+.PHONY: help setup train test lint format tensorboard aggregate clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ lint: $(STAMP)  ## ruff check and format check
 format: $(STAMP)  ## ruff format and autofix
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+aggregate: $(STAMP)  ## table, summary and plots of a sweep: make aggregate [SWEEP=dir] (default newest)
+	$(PY) scripts/aggregate.py $(SWEEP)
 
 tensorboard: $(STAMP)  ## open TensorBoard on every run under outputs/
 	$(VENV)/bin/tensorboard --logdir outputs

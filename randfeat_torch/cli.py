@@ -48,10 +48,27 @@ class ValidateConfig(Callback):
             sys.exit(2)
 
 
+class AggregateOnMultirunEnd(Callback):
+    """With ``aggregate=true``, runs scripts/aggregate.py's analysis on the sweep dir when a
+    multirun ends. Hydra skips ``on_multirun_end`` when a job raised: then run it by hand."""
+
+    def __init__(self, enabled: bool = False) -> None:
+        self.enabled = enabled
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.enabled:
+            from randfeat_torch.analysis import aggregate  # pandas and matplotlib: only here
+
+            print(aggregate(Path(config.hydra.sweep.dir)).summary, end="", flush=True)
+
+
 def run(cfg: DictConfig) -> float:
     """Train in Hydra's output dir; return the final test error (mean over replicas)."""
     try:
-        result = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+        runtime = HydraConfig.get().runtime
+        # Our groups' picks (not Hydra's own groups "hydra/..." nor the schemas "schema/...").
+        choices = {k: v for k, v in runtime.choices.items() if v and "/" not in k and "@" not in k}
+        result = train(cfg, Path(runtime.output_dir), choices)
     except ConfigError as error:
         print(error, file=sys.stderr)
         sys.exit(2)

@@ -168,6 +168,8 @@ class TrainConfig:
     eval_every: int = 200
     device: str = "auto"
     progress: bool = True
+    aggregate: bool = False
+    vars: dict[str, Any] = field(default_factory=dict)
     input: Any = MISSING
     target: Any = MISSING
     model: Any = MISSING
@@ -176,7 +178,7 @@ class TrainConfig:
 
 def calc(expression: str) -> int | float:
     """Arithmetic for configs, e.g. ``a: ${calc:6*${d}**2+1}``: numbers, + - * / // % ** and
-    parentheses only (nothing is executed)."""
+    parentheses only (nothing is executed). A whole-number result is an int (a width, say)."""
     operators = {
         ast.Add: operator.add,
         ast.Sub: operator.sub,
@@ -193,12 +195,16 @@ def calc(expression: str) -> int | float:
         if isinstance(node, ast.Constant) and type(node.value) in (int, float):
             return node.value
         if isinstance(node, ast.BinOp) and type(node.op) in operators:
-            return operators[type(node.op)](evaluate(node.left), evaluate(node.right))
+            left, right = evaluate(node.left), evaluate(node.right)
+            if isinstance(node.op, ast.Pow) and abs(right) > 64:
+                raise ValueError(f"calc: exponent {right} in {expression!r} is too large")
+            return operators[type(node.op)](left, right)
         if isinstance(node, ast.UnaryOp) and type(node.op) in operators:
             return operators[type(node.op)](evaluate(node.operand))
         raise ValueError(f"calc: {expression!r} is not plain arithmetic")
 
-    return evaluate(ast.parse(str(expression), mode="eval").body)
+    value = evaluate(ast.parse(str(expression), mode="eval").body)
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def register_configs() -> None:

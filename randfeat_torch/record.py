@@ -20,7 +20,23 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
 RECORD_NAME = "metrics.json"
-METRICS = ("test_error", "test_mse", "train_loss")
+METRICS = ("test_error", "test_mse", "train_loss", "train_error")
+TAGS = {
+    "train_loss": "train/loss",
+    "train_error": "train/error",
+    "test_error": "test/error",
+    "test_mse": "test/mse",
+}
+# TensorBoard's custom-scalars tab: the normalised errors and theory's on one chart.
+LAYOUT = {
+    "errors": {
+        "normalised error (train, test, theory)": [
+            "Multiline",
+            ["train/error.*", "test/error.*", "theory/.*"],
+        ],
+        "mean squared error": ["Multiline", ["train/loss.*", "test/mse.*"]],
+    }
+}
 
 
 def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
@@ -69,6 +85,7 @@ class RunRecord:
         self.path = self.run_dir / RECORD_NAME
         self.hparam_dict = hparam_dict
         self.writer = SummaryWriter(log_dir=str(self.run_dir))
+        self.writer.add_custom_scalars(LAYOUT)
         self.record: dict[str, Any] = {
             "status": "running",
             "config": config,
@@ -84,14 +101,13 @@ class RunRecord:
 
     def log_eval(self, step: int, metrics: dict[str, torch.Tensor]) -> None:
         """Scalars at ``step``: one series per replica (suffix ``/replica_r``) when R > 1."""
-        tags = {"train_loss": "train/loss", "test_error": "test/error", "test_mse": "test/mse"}
         for name, values in metrics.items():
             values = values.detach().cpu().tolist()
             if len(values) == 1:
-                self.writer.add_scalar(tags[name], values[0], step)
+                self.writer.add_scalar(TAGS[name], values[0], step)
             else:
                 for r, value in enumerate(values):
-                    self.writer.add_scalar(f"{tags[name]}/replica_{r}", value, step)
+                    self.writer.add_scalar(f"{TAGS[name]}/replica_{r}", value, step)
         self.writer.flush()
 
     def log_theory(self, step: int, theory: dict[str, Any]) -> None:

@@ -92,15 +92,21 @@ class TestSet:
             )
 
     @torch.no_grad()
-    def evaluate(self, model: Model) -> dict[str, torch.Tensor]:
-        """Test MSE and normalised test error per replica, each (R,), in bounded memory."""
+    def evaluate(self, model: Model, train_loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Test MSE and normalised test error per replica, each (R,), in bounded memory, with
+        the train loss (R,) and its normalised value (by the same test variance)."""
         n = self.x.shape[0]
         chunk = max(1, EVAL_ELEMENTS // (model.replicas * model.width))
         sse = torch.zeros(model.replicas, device=self.x.device)
         for i in range(0, n, chunk):
             sse += (model(self.x[i : i + chunk]) - self.y[i : i + chunk]).square().sum(dim=1)
         mse = sse / n
-        return {"test_mse": mse, "test_error": mse / self.variance}
+        return {
+            "test_mse": mse,
+            "test_error": mse / self.variance,
+            "train_loss": train_loss,
+            "train_error": train_loss / self.variance,
+        }
 
 
 class Batches:
@@ -152,8 +158,9 @@ def hparams_of(cfg: DictConfig) -> dict[str, object]:
     }
 
 
-def train(cfg: DictConfig, run_dir: Path | str) -> RunResult:
-    """Train the configured model on the configured target; write the record in ``run_dir``."""
+def train(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = None) -> RunResult:
+    """Train the configured model on the configured target; write the record in ``run_dir``.
+    ``choices``: the config-group options picked (Hydra's runtime choices), for the record."""
     start = time.perf_counter()
     validate(cfg)
     device = resolve_device(cfg.device)
@@ -164,9 +171,9 @@ def train(cfg: DictConfig, run_dir: Path | str) -> RunResult:
     theory = reference_errors(cfg, target, model)
 
     record = RunRecord(Path(run_dir), OmegaConf.to_container(cfg, resolve=True), hparams_of(cfg))
-    record.write("running", device=str(device), theory=theory)
+    record.write("running", device=str(device), theory=theory, choices=choices or {})
     record.log_theory(0, theory)
-    initial = {**test_set.evaluate(model), "train_loss": torch.full((cfg.replicas,), torch.nan)}
+    initial = test_set.evaluate(model, torch.full((cfg.replicas,), torch.nan, device=device))
     record.log_eval(0, initial)
     fit = fit_by_ridge if cfg.optimizer.name == "ridge" else fit_by_gradient
     loop_start = time.perf_counter()
@@ -223,7 +230,7 @@ def fit_by_ridge(
         chunk_size=cfg.optimizer.chunk_size,
     )
     model.load_ridge_solution(solution.beta.float(), solution.c.float())
-    metrics = {**test_set.evaluate(model), "train_loss": solution.train_mse.float()}
+    metrics = test_set.evaluate(model, solution.train_mse.float())
     record.log_eval(1, metrics)
     finite = torch.isfinite(metrics["test_error"])
     record.write(
@@ -267,7 +274,7 @@ def fit_by_gradient(
 
             if step % cfg.eval_every and step != cfg.steps:
                 continue
-            metrics = {**test_set.evaluate(model), "train_loss": loss_sum / steps_in_sum}
+            metrics = test_set.evaluate(model, loss_sum / steps_in_sum)
             loss_sum.zero_()
             steps_in_sum = 0
             record.log_eval(step, metrics)

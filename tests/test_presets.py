@@ -1,0 +1,131 @@
+"""The experiment presets: every job of every sweep composes and validates; the small variants
+of rf_staircase and gd_vs_rf reproduce their claims end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from randfeat_torch.cli import CONFIG_DIR
+from randfeat_torch.config import validate
+from tests.conftest import ROOT
+
+PRESETS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+FULL = [p for p in PRESETS if not p.endswith("_small")]
+
+
+def sweep_jobs(preset: str) -> list[list[str]]:
+    """The override lists of every job of the preset's own sweep."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", [f"experiment={preset}"], return_hydra_config=True)
+        params = cfg.hydra.sweeper.params
+    GlobalHydra.instance().clear()
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    axes = [
+        [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+        if o.is_sweep_override()
+        else [f"{o.get_key_element()}={o.get_value_element_as_str()}"]
+        for o in parsed
+    ]
+    return [list(job) for job in itertools.product(*axes)]
+
+
+def test_every_preset_has_a_small_variant_and_a_sweep():
+    assert set(FULL) == {
+        "rf_staircase",
+        "gd_vs_rf",
+        "poly_threshold",
+        "rf_hardness",
+        "parity",
+        "rf_vs_nt_vs_nn",
+    }
+    for preset in FULL:
+        assert f"{preset}_small" in PRESETS
+        assert len(sweep_jobs(preset)) >= len(sweep_jobs(f"{preset}_small")) >= 2
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_job_of_every_preset_composes_and_validates(preset):
+    for job in sweep_jobs(preset):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            validate(compose("train", [f"experiment={preset}", *job, "device=cpu"]))
+        GlobalHydra.instance().clear()
+
+
+def run_preset(preset: str, tmp_path: Path, plots: list[str]) -> pd.DataFrame:
+    sweep = tmp_path / preset
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "-m",
+            f"experiment={preset}",
+            f"hydra.sweep.dir={sweep}",
+            "aggregate=true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "runs with a record" in done.stdout  # the aggregate callback ran at the end
+    for name in ["results.csv", "summary.txt", *(f"{p}.png" for p in plots)]:
+        assert (sweep / name).exists(), name
+    return pd.read_csv(sweep / "results.csv")
+
+
+@pytest.mark.slow
+def test_rf_staircase_small_reproduces_the_staircase(tmp_path):
+    table = run_preset("rf_staircase_small", tmp_path, ["error_vs_width", "error_vs_d"])
+    assert (table["status"] == "ok").all() and len(table) == 2 * 3 * 2
+    mean = table.groupby(["d", "vars.ratio"])["test_error"].mean()
+    best_linear = table["theory.best_degree_1"].iloc[0]
+    best_quadratic = table["theory.best_degree_2"].iloc[0]
+    for d in (10, 16):
+        assert mean[d, 0.25] > mean[d, 1.0] > mean[d, 4.0]  # the staircase goes down with width
+        assert mean[d, 0.25] < best_linear * 1.2  # at width << d^2: about the best linear
+        assert mean[d, 4.0] < best_quadratic * 1.2  # at width >> d^2: the best quadratic or below
+    # Every replica's measured error is its exact population error, up to sampling.
+    gap = (table["test_error"] - table["theory.rf_population_error"]).abs()
+    assert (gap < 0.01 + 0.1 * table["theory.rf_population_error"]).all(), gap.max()
+
+
+@pytest.mark.slow
+def test_gd_vs_rf_small_gradient_descent_wins_as_d_grows(tmp_path):
+    table = run_preset("gd_vs_rf_small", tmp_path, ["error_vs_d"])
+    assert (table["status"] == "ok").all()
+    mean = table.groupby(["fit", "d"])["test_error"].mean()
+    assert mean["nn_sgd", 4] < 0.05 and mean["nn_sgd", 16] < 0.05
+    assert mean["rf_ridge", 16] > 2 * mean["rf_ridge", 4]  # RF of fixed width falls behind
+    assert mean["rf_ridge", 16] > 2 * mean["nn_sgd", 16]
+
+    # TensorBoard's hparams plugin sees every run with its knobs and final error.
+    sweep = tmp_path / "gd_vs_rf_small"
+    for run in table["run"].unique():
+        events = EventAccumulator(str(sweep / run))
+        events.Reload()
+        content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+        assert {"d", "width", "model", "target"} <= set(hparams)
+        record = json.loads((sweep / run / "metrics.json").read_text())
+        assert hparams["d"].number_value == record["config"]["d"]
+        assert "hparams/test_error" in events.Tags()["scalars"]
+        assert "custom_scalars__config__" in events.Tags()["tensors"] or events.PluginTagToContent(
+            "custom_scalars"
+        )
