@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -135,11 +136,14 @@ def swept_keys(table: pd.DataFrame) -> list[str]:
 
 
 def _label(table: pd.DataFrame) -> pd.Series:
-    """What distinguishes the compared methods: the varying groups (fit, model, target, ...)."""
-    varying = [g for g in GROUPS[1:] if table[g].astype(str).nunique() > 1]
-    if not varying:
+    """What distinguishes the compared methods: the fit (or else the model and optimizer), then
+    the target and input, those of them that vary across the runs."""
+    varies = {g: table[g].astype(str).nunique() > 1 for g in GROUPS}
+    method = ["fit"] if varies["fit"] else [g for g in ("model", "optimizer") if varies[g]]
+    parts = method + [g for g in ("target", "input") if varies[g]]
+    if not parts:
         return table["model"].astype(str)
-    return table[varying].astype(str).agg(" / ".join, axis=1)
+    return table[parts].astype(str).agg(" / ".join, axis=1)
 
 
 def _stats(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -166,7 +170,9 @@ def width_to_reach(widths: np.ndarray, errors: np.ndarray, eps: float) -> float:
 
 
 def _panels(n: int, title: str) -> tuple[plt.Figure, list[plt.Axes]]:
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        1, n, figsize=(4.2 * n, 3.6), squeeze=False, sharey=True, layout="constrained"
+    )
     fig.suptitle(title)
     return fig, list(axes[0])
 
@@ -176,7 +182,8 @@ def _theory_lines(ax: plt.Axes, frame: pd.DataFrame) -> None:
     for column, name in THEORY_LINES.items():
         if column not in frame:
             continue
-        for value in np.unique(frame[column].dropna().round(6)):
+        values = np.unique(frame[column].dropna().round(6))
+        for value in values[values > 0]:  # log axes: a zero residual has no line
             ax.axhline(value, color="gray", ls="--" if column.endswith("_1") else ":", lw=0.9)
             ax.annotate(
                 f"{name} {value:.3g}",
@@ -186,6 +193,19 @@ def _theory_lines(ax: plt.Axes, frame: pd.DataFrame) -> None:
                 color="gray",
                 va="bottom",
             )
+
+
+def _plain_ticks(ax: plt.Axes, values: list[float]) -> None:
+    """Ticks at the swept values, written plainly, on a log axis."""
+    ax.set_xticks(values, [f"{v:g}" for v in values])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+
+
+def _line_with_band(ax: plt.Axes, frame: pd.DataFrame, x: str, color: str, label: str) -> None:
+    """The mean test error against ``x``, and its min-max band over seeds and replicas."""
+    s = _stats(frame, [x])
+    ax.plot(s[x], s["mean"], "o-", color=color, label=label)
+    ax.fill_between(s[x], s["min"], s["max"], color=color, alpha=0.2)
 
 
 def plot_error_vs_width(ok: pd.DataFrame) -> plt.Figure | None:
@@ -198,55 +218,39 @@ def plot_error_vs_width(ok: pd.DataFrame) -> plt.Figure | None:
     for ax, label in zip(axes, labels, strict=True):
         frame = ok[ok["label"] == label]
         for i, (d, by_d) in enumerate(frame.groupby("d")):
-            color = f"C{i}"
-            s = _stats(by_d, ["width"])
-            ax.plot(s["width"], s["mean"], "o-", color=color, label=f"d={d}")
-            ax.fill_between(s["width"], s["min"], s["max"], color=color, alpha=0.2)
-            if (
-                "theory.rf_population_error" in by_d
-                and by_d["theory.rf_population_error"].notna().any()
-            ):
+            _line_with_band(ax, by_d, "width", f"C{i}", f"d={d}")
+            exact = by_d.get("theory.rf_population_error")
+            if exact is not None and exact.notna().any():
                 exact = by_d.groupby("width")["theory.rf_population_error"].mean()
-                ax.plot(exact.index, exact.values, "x", color=color, ms=8, label=f"exact RF, d={d}")
+                ax.plot(exact.index, exact.values, "x", color=f"C{i}", ms=8, label="exact RF")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        _plain_ticks(ax, sorted(frame["width"].unique()))
         _theory_lines(ax, frame)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("width")
         ax.legend(fontsize=6)
     axes[0].set_ylabel("normalised test error")
-    fig.tight_layout()
     return fig
 
 
 def plot_error_vs_d(ok: pd.DataFrame) -> plt.Figure | None:
-    """Normalised test error vs d: a panel per width, a line per method, side by side."""
-    if ok["d"].nunique() < 2:
+    """Normalised test error vs d: a panel per width (those with two d or more), a line per
+    method, side by side."""
+    widths = [w for w, frame in ok.groupby("width") if frame["d"].nunique() > 1]
+    if not widths:
         return None
-    widths = sorted(ok["width"].unique())
     fig, axes = _panels(len(widths), "test error vs d")
     for ax, width in zip(axes, widths, strict=True):
         frame = ok[ok["width"] == width]
         for i, (label, by_label) in enumerate(frame.groupby("label")):
-            s = _stats(by_label, ["d"])
-            ax.plot(s["d"], s["mean"], "o-", color=f"C{i}", label=label)
-            ax.fill_between(s["d"], s["min"], s["max"], color=f"C{i}", alpha=0.2)
-        for column, name in THEORY_LINES.items():
-            if column in frame and frame[column].notna().any():
-                ref = frame.groupby("d")[column].mean()
-                ax.plot(
-                    ref.index,
-                    ref.values,
-                    "k--" if column.endswith("_1") else "k:",
-                    lw=0.8,
-                    label=name,
-                )
+            _line_with_band(ax, by_label, "d", f"C{i}", label)
         ax.set_yscale("log")
+        _theory_lines(ax, frame)
         ax.set_title(f"width={width}", fontsize=9)
         ax.set_xlabel("d")
         ax.legend(fontsize=6)
     axes[0].set_ylabel("normalised test error")
-    fig.tight_layout()
     return fig
 
 
@@ -271,16 +275,16 @@ def plot_width_needed(needed: pd.DataFrame, eps: float) -> plt.Figure | None:
         ax.plot(frame["d"], frame["width_needed"], "o-", color=f"C{i}", label=label)
     d = np.linspace(reached["d"].min(), reached["d"].max(), 50)
     d0, w0 = reached["d"].min(), reached.loc[reached["d"].idxmin(), "width_needed"]
-    for name, curve in (("d", d), ("d^2", d**2), ("d^3", d**3), ("exp(d)", np.exp(d))):
-        anchor = {"d": d0, "d^2": d0**2, "d^3": d0**3, "exp(d)": math.exp(d0)}[name]
-        ax.plot(d, curve * w0 / anchor, "--", lw=0.8, color="gray")
-        ax.text(d[-1], curve[-1] * w0 / anchor, f" {name}", fontsize=7, color="gray")
+    references = {"d": lambda x: x, "d^2": lambda x: x**2, "d^3": lambda x: x**3, "exp(d)": np.exp}
+    for (name, curve), style in zip(references.items(), ("-", "--", "-.", ":"), strict=True):
+        ax.plot(d, curve(d) * w0 / curve(d0), style, lw=0.8, color="gray", label=f"~ {name}")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.set_ylim(reached["width_needed"].min() / 2, reached["width_needed"].max() * 4)
+    _plain_ticks(ax, sorted(reached["d"].unique()))
     ax.set_xlabel("d")
     ax.set_ylabel("width")
     ax.legend(fontsize=6)
-    fig.tight_layout()
     return fig
 
 
@@ -297,9 +301,10 @@ def summarise(
         lines += [f"  {p.status:<11} {p.run}  {p.error}".rstrip() for p in problems.itertuples()]
     ok = table[table["status"] == "ok"] if not table.empty else table
     if not ok.empty:
-        keys = [k for k in ["label", "d", "width", *swept] if k in ok and k not in ("fit", "model")]
-        keys = list(dict.fromkeys(keys))
-        stats = ok.groupby(keys)["test_error"].agg(["mean", "std", "count"])
+        # The label, d, width and the free sweep variables; keys inside a group follow its pick.
+        own = [k for k in swept if k not in GROUPS and k.split(".")[0] not in GROUPS]
+        keys = list(dict.fromkeys(k for k in ["label", "d", "width", *own] if k in ok))
+        stats = ok.groupby(keys, dropna=False)["test_error"].agg(["mean", "std", "count"])
         lines.append("mean normalised test error (std over seeds and replicas):")
         lines.append(stats.to_string(float_format=lambda v: f"{v:.4g}"))
     if not needed.empty:

@@ -391,7 +391,7 @@ def _validate_ridge(cfg: DictConfig) -> None:
     if cfg.optimizer.chunk_size is not None:
         _int_at_least(cfg, "optimizer.chunk_size", 1)
     features = ridge_features(cfg)
-    need = 3 * cfg.replicas * features**2 * 8  # Gram, its factor, and a work copy, float64
+    need = 3 * cfg.replicas * features**2 * 8  # float64 Gram, its factor, and headroom
     free = _free_memory_bytes(cfg.device)
     if need > RIDGE_MEMORY_FRACTION * free:
         raise ConfigError(

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
+from tensorboard.util.tensor_util import make_ndarray
 
 from tests.conftest import ROOT, SMALL
 
@@ -35,7 +37,9 @@ def test_a_run_writes_its_record_and_tensorboard_scalars(tmp_path):
     record = json.loads((run_dir / "metrics.json").read_text())
     assert record["status"] == "ok"
     assert record["config"]["d"] == 8 and record["config"]["model"]["name"] == "trainable"
-    assert set(record["metrics"]) == {"test_error", "test_mse", "train_loss"}
+    assert set(record["metrics"]) == {"test_error", "test_mse", "train_loss", "train_error"}
+    assert record["theory"]["best_degree_1"] == pytest.approx(0.2665, abs=1e-4)
+    assert record["choices"]["model"] == "trainable"
     assert 0 < record["metrics"]["test_error"] < 2
     assert record["wall_time_s"] > 0 and record["steps_per_s"] > 0 and record["steps_done"] == 20
     assert record["device"] == "cpu"
@@ -46,9 +50,15 @@ def test_a_run_writes_its_record_and_tensorboard_scalars(tmp_path):
     events = EventAccumulator(str(run_dir))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "test/error", "test/mse", "hparams/test_error"} <= tags
+    assert {"train/loss", "train/error", "test/error", "test/mse", "hparams/test_error"} <= tags
+    assert {"theory/best_degree_1", "theory/best_constant"} <= tags
     assert [e.step for e in events.Scalars("test/error")] == [0, 10, 20]
     assert events.Scalars("test/error")[-1].value == pytest.approx(record["metrics"]["test_error"])
+
+    layout_event = events.Tensors("custom_scalars__config__")[0]
+    layout = layout_pb2.Layout.FromString(make_ndarray(layout_event.tensor_proto).item())
+    error_chart = layout.category[0].chart[0].multiline
+    assert list(error_chart.tag) == ["train/error.*", "test/error.*", "theory/.*"]
 
     hparams = events.PluginTagToContent("hparams")
     start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"])

@@ -126,6 +126,3 @@ def test_gd_vs_rf_small_gradient_descent_wins_as_d_grows(tmp_path):
         record = json.loads((sweep / run / "metrics.json").read_text())
         assert hparams["d"].number_value == record["config"]["d"]
         assert "hparams/test_error" in events.Tags()["scalars"]
-        assert "custom_scalars__config__" in events.Tags()["tensors"] or events.PluginTagToContent(
-            "custom_scalars"
-        )
