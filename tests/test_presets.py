@@ -92,7 +92,7 @@ def run_preset(preset: str, tmp_path: Path, plots: list[str]) -> pd.DataFrame:
 
 @pytest.mark.slow
 def test_rf_staircase_small_reproduces_the_staircase(tmp_path):
-    table = run_preset("rf_staircase_small", tmp_path, ["error_vs_width", "error_vs_d"])
+    table = run_preset("rf_staircase_small", tmp_path, ["error_vs_width", "width_needed"])
     assert (table["status"] == "ok").all() and len(table) == 2 * 3 * 2
     mean = table.groupby(["d", "vars.ratio"])["test_error"].mean()
     best_linear = table["theory.best_degree_1"].iloc[0]
