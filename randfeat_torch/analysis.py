@@ -108,6 +108,8 @@ def read_records(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             row = {"run": run, "replica": r, "status": status, **config}
             row.update({g: choices.get(g, config.get(f"{g}.name")) for g in GROUPS})
             row["replica_seed"] = config.get("seed", 0) + r
+            if isinstance(config.get("optimizer.lr"), tuple):  # one rate per replica
+                row["optimizer.lr"] = config["optimizer.lr"][r]
             row.update({m: _replica_value(metrics.get(m), r) for m in METRICS})
             row.update({f"theory.{k}": _replica_value(v, r) for k, v in theory.items()})
             row["wall_time_s"] = record.get("wall_time_s")

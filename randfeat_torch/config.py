@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import II, MISSING, DictConfig, OmegaConf
+from omegaconf import II, MISSING, DictConfig, ListConfig, OmegaConf
 
 ACTIVATIONS = ("relu", "gelu", "tanh", "softplus", "quadratic")
 PARAMETERIZATIONS = ("standard", "ntk", "mean_field")
@@ -25,6 +25,7 @@ OUTPUT_INITS = ("gaussian", "zero")
 REGIMES = ("trainable", "frozen", "linearized")
 SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
+REPLICA_DATA = ("shared", "independent")
 INPUTS = ("gaussian", "sphere", "hypercube")
 TARGETS = ("relu_neuron", "polynomial", "zigzag", "parity")
 OPTIMIZERS = ("sgd", "adam", "ridge")
@@ -119,7 +120,7 @@ class OptimizerConfig:
     """Fields every optimizer has: the learning rate and its schedule."""
 
     name: str = MISSING
-    lr: float = MISSING
+    lr: Any = MISSING  # a number, or one per replica (a list of R numbers)
     weight_decay: float = 0.0
     schedule: str = "constant"
     warmup_steps: int = 0
@@ -131,7 +132,7 @@ class OptimizerConfig:
 @dataclass
 class SGDConfig(OptimizerConfig):
     name: str = "sgd"
-    lr: float = 0.2
+    lr: Any = 0.2
     momentum: float = 0.9
     nesterov: bool = False
 
@@ -139,7 +140,7 @@ class SGDConfig(OptimizerConfig):
 @dataclass
 class AdamConfig(OptimizerConfig):
     name: str = "adam"
-    lr: float = 1e-3
+    lr: Any = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
 
@@ -160,7 +161,9 @@ class TrainConfig:
     d: int = 32
     width: int = 1024
     seed: int = 0
+    data_seed: int | None = None
     replicas: int = 1
+    replica_data: str = "shared"
     steps: int = 2000
     batch_size: int = 256
     n_train: int | None = None
@@ -255,7 +258,7 @@ def _one_of(cfg: DictConfig, key: str, allowed: tuple[str, ...]) -> None:
 def _get(cfg: DictConfig, key: str) -> Any:
     node: Any = cfg
     for part in key.split("."):
-        node = node[part]
+        node = node[int(part)] if isinstance(node, ListConfig) else node[part]
     return node
 
 
@@ -266,6 +269,9 @@ def validate(cfg: DictConfig) -> None:
         _int_at_least(cfg, key, 1)
     _int_at_least(cfg, "n_test", 2, " so that the test targets have a variance")
     _int_at_least(cfg, "seed", 0)
+    if cfg.data_seed is not None:
+        _int_at_least(cfg, "data_seed", 0)
+    _one_of(cfg, "replica_data", REPLICA_DATA)
     if cfg.n_train is not None:
         _int_at_least(cfg, "n_train", 1)
         if cfg.n_train < cfg.batch_size and not ridge:
@@ -346,7 +352,7 @@ def _validate_optimizer(cfg: DictConfig) -> None:
     if opt.name == "ridge":
         _validate_ridge(cfg)
         return
-    _positive(cfg, "optimizer.lr")
+    _validate_lr(cfg)
     _positive(cfg, "optimizer.weight_decay", allow_zero=True)
     _one_of(cfg, "optimizer.schedule", SCHEDULES)
     _int_at_least(cfg, "optimizer.warmup_steps", 0)
@@ -373,6 +379,19 @@ def _validate_optimizer(cfg: DictConfig) -> None:
         if len(opt.betas) != 2:
             raise ConfigError("optimizer.betas", list(opt.betas), "must be two numbers")
         _positive(cfg, "optimizer.eps")
+
+
+def _validate_lr(cfg: DictConfig) -> None:
+    lr = cfg.optimizer.lr
+    if not isinstance(lr, ListConfig):
+        _positive(cfg, "optimizer.lr")
+        return
+    if len(lr) != cfg.replicas:
+        raise ConfigError(
+            "optimizer.lr", list(lr), f"a list needs one rate per replica: {cfg.replicas} numbers"
+        )
+    for i in range(len(lr)):
+        _positive(cfg, f"optimizer.lr.{i}")
 
 
 def _validate_ridge(cfg: DictConfig) -> None:

@@ -5,19 +5,21 @@ from __future__ import annotations
 import math
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 from torch import nn
 
 
 def build_optimizer(
     cfg: DictConfig, model: nn.Module, steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """The optimizer named by ``cfg.name`` over the trainable parameters, and its schedule."""
+    """The optimizer named by ``cfg.name`` over the trainable parameters, and its schedule.
+    With one lr per replica the optimizer runs at the first; :class:`PerReplicaRates` rescales."""
     params = [p for p in model.parameters() if p.requires_grad]
+    lr = base_lr(cfg.lr)
     if cfg.name == "sgd":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(
             params,
-            lr=cfg.lr,
+            lr=lr,
             momentum=cfg.momentum,
             nesterov=cfg.nesterov,
             weight_decay=cfg.weight_decay,
@@ -25,13 +27,43 @@ def build_optimizer(
     else:
         optimizer = torch.optim.Adam(
             params,
-            lr=cfg.lr,
+            lr=lr,
             betas=tuple(cfg.betas),
             eps=cfg.eps,
             weight_decay=cfg.weight_decay,
         )
     factor = schedule_factor(cfg.schedule, cfg.warmup_steps, steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def base_lr(lr: float | ListConfig) -> float:
+    """The rate the optimizer itself runs at: the lr, or the first of a per-replica list."""
+    return float(lr[0]) if isinstance(lr, ListConfig) else float(lr)
+
+
+class PerReplicaRates:
+    """One learning rate per replica (``optimizer.lr`` as a list of R numbers), for lr sweeps in
+    one pass. The optimizer steps at lr[0]; each replica's update is then rescaled by
+    lr[r] / lr[0]. SGD's momentum and Adam's moments do not depend on the rate, so this is the
+    update that rate would have made, schedules included."""
+
+    def __init__(self, lr: ListConfig, params: list[torch.Tensor]) -> None:
+        ratios = torch.tensor([float(v) / float(lr[0]) for v in lr], device=params[0].device)
+        self.params = params
+        self.ratios = [ratios.view(-1, *[1] * (p.dim() - 1)) for p in params]
+        self.before = [torch.empty_like(p) for p in params]
+
+    @torch.no_grad()
+    def remember(self) -> None:
+        """Copy the parameters before the optimizer step."""
+        for saved, p in zip(self.before, self.params, strict=True):
+            saved.copy_(p)
+
+    @torch.no_grad()
+    def rescale(self) -> None:
+        """p = before + ratio * (p - before), replica by replica."""
+        for saved, p, ratio in zip(self.before, self.params, self.ratios, strict=True):
+            p.sub_(saved).mul_(ratio).add_(saved)
 
 
 def schedule_factor(schedule: str, warmup_steps: int, steps: int):

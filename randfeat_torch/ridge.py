@@ -36,18 +36,19 @@ class GramAccumulator:
         self.gram = torch.zeros(replicas, features, features, **kw)  # sum phi phi^T
         self.phi_y = torch.zeros(replicas, features, **kw)  # sum phi y
         self.phi_sum = torch.zeros(replicas, features, **kw)
-        self.y_sum = torch.zeros((), **kw)
-        self.y_sq = torch.zeros((), **kw)
+        self.y_sum = torch.zeros(replicas, **kw)
+        self.y_sq = torch.zeros(replicas, **kw)
 
     def add(self, phi: torch.Tensor, y: torch.Tensor) -> None:
-        """phi: (R, m, P), y: (m,)."""
-        phi, y = phi.double(), y.double()
-        self.n += y.shape[0]
+        """phi: (R, m, P), y: (m,) shared by the replicas or (R, m) one sample per replica."""
+        phi = phi.double()
+        y = y.double().expand(phi.shape[0], phi.shape[1])
+        self.n += y.shape[1]
         self.gram.baddbmm_(phi.transpose(1, 2), phi)
-        self.phi_y += torch.einsum("rmp,m->rp", phi, y)
+        self.phi_y += torch.einsum("rmp,rm->rp", phi, y)
         self.phi_sum += phi.sum(dim=1)
-        self.y_sum += y.sum()
-        self.y_sq += y.square().sum()
+        self.y_sum += y.sum(dim=1)
+        self.y_sq += y.square().sum(dim=1)
 
     def solve(self, relative_penalty: float) -> RidgeFit:
         """Centre, add lambda = relative_penalty * trace(C) / P, and solve (C + lambda) beta = q.
@@ -57,7 +58,7 @@ class GramAccumulator:
         mu = self.phi_sum / n  # (R, P)
         y_mean = self.y_sum / n
         system = self.gram.div_(n).baddbmm_(mu.unsqueeze(2), mu.unsqueeze(1), alpha=-1)  # Cov phi
-        q = self.phi_y / n - mu * y_mean  # Cov(phi, y)
+        q = self.phi_y / n - mu * y_mean.unsqueeze(-1)  # Cov(phi, y)
         y_var = self.y_sq / n - y_mean.square()
         diagonal = system.diagonal(dim1=1, dim2=2)
         penalty = relative_penalty * diagonal.sum(-1) / system.shape[-1]
@@ -103,7 +104,8 @@ def fit_ridge(
     device: torch.device,
     chunk_size: int | None = None,
 ) -> RidgeFit:
-    """Ridge on n samples from ``draw(m) -> (x: (m, d), y: (m,))``, in chunks of ``chunk_size``
+    """Ridge on n samples from ``draw(m) -> (x, y)``, x: (m, d) and y: (m,) shared by the
+    replicas, or (R, m, d) and (R, m) one sample per replica, in chunks of ``chunk_size``
     (default: about CHUNK_ELEMENTS features per chunk); ``features(x) -> (R, m, P)``."""
     chunk = chunk_size or max(1, CHUNK_ELEMENTS // (replicas * num_features))
     sums = GramAccumulator(replicas, num_features, device)

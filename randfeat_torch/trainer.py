@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from randfeat_torch.config import ConfigError, ridge_features, validate
 from randfeat_torch.models import LinearizedNet, TwoLayerNet, build_model
-from randfeat_torch.optim import GradientPrecision, build_optimizer
+from randfeat_torch.optim import GradientPrecision, PerReplicaRates, base_lr, build_optimizer
 from randfeat_torch.record import RunRecord
 from randfeat_torch.ridge import fit_ridge
 from randfeat_torch.targets import Target, build_target, make_generator, sample_inputs
@@ -62,18 +62,47 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Data:
-    """Inputs from the configured distribution, labelled by the target, on the device."""
+    """Inputs from the configured distribution, labelled by the target, on the device.
+
+    ``replicas=None``: one stream shared by every replica, x: (n, d), y: (n,). An int R: an
+    independent stream per replica, seeded ``seed + r``, x: (R, n, d), y: (R, n)."""
 
     def __init__(
-        self, cfg: DictConfig, target: Target, device: torch.device, seed: int, stream: int
+        self,
+        cfg: DictConfig,
+        target: Target,
+        device: torch.device,
+        seed: int,
+        stream: int,
+        replicas: int | None = None,
     ):
         self.kind, self.d, self.target, self.device = cfg.input.name, cfg.d, target, device
-        self.gen = make_generator(device, seed, stream)
+        self.replicas = replicas
+        seeds = [seed] if replicas is None else [seed + r for r in range(replicas)]
+        self.gens = [make_generator(device, s, stream) for s in seeds]
 
     def draw(self, n: int, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """n fresh samples: x: (n, d) (in place into ``out`` if given), y: (n,)."""
-        x = sample_inputs(self.kind, n, self.d, self.gen, self.device, out=out)
-        return x, self.target(x)
+        """n fresh samples per stream (in place into ``out`` if given)."""
+        if self.replicas is None:
+            x = sample_inputs(self.kind, n, self.d, self.gens[0], self.device, out=out)
+            return x, self.target(x)
+        x = torch.empty(self.replicas, n, self.d, device=self.device) if out is None else out
+        for x_r, gen in zip(x, self.gens, strict=True):
+            sample_inputs(self.kind, n, self.d, gen, self.device, out=x_r)
+        return x, self.target(x.view(-1, self.d)).view(self.replicas, n)
+
+    def shuffle(self, n: int) -> torch.Tensor:
+        """A fresh permutation of range(n) per stream: (n,) shared, (R, n) independent."""
+        orders = [torch.randperm(n, generator=g, device=self.device) for g in self.gens]
+        return orders[0] if self.replicas is None else torch.stack(orders)
+
+
+def training_data(cfg: DictConfig, target: Target, device: torch.device) -> Data:
+    """The training stream: seeded by ``data_seed`` (default ``seed``), shared by the replicas
+    or one per replica (``replica_data``)."""
+    seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
+    replicas = cfg.replicas if cfg.replica_data == "independent" else None
+    return Data(cfg, target, device, seed, TRAIN_STREAM, replicas)
 
 
 class TestSet:
@@ -113,28 +142,29 @@ class Batches:
     """Training minibatches on the device: online draws, or shuffled passes over n_train."""
 
     def __init__(self, cfg: DictConfig, data: Data):
-        self.data, self.batch_size, self.gen = data, cfg.batch_size, data.gen
+        self.data, self.batch_size = data, cfg.batch_size
         self.online = cfg.n_train is None
         if self.online:
-            self.x = torch.empty(cfg.batch_size, cfg.d, device=data.device)
+            self.x, _ = data.draw(cfg.batch_size)  # the buffer that every step refills
         else:
             self.x, self.y = data.draw(cfg.n_train)
-            self.order = torch.empty(0, dtype=torch.long, device=data.device)
-            self.pos = 0
+            self.n = cfg.n_train
+            self.pos = self.n  # a fresh permutation at the first step
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (batch, d), y: (batch,)."""
+        """x: (batch, d) and y: (batch,), or (R, batch, d) and (R, batch) per replica."""
         if self.online:
             return self.data.draw(self.batch_size, out=self.x)
-        n = self.x.shape[0]
-        if n == self.batch_size:  # full-batch gradient descent
+        if self.n == self.batch_size:  # full-batch gradient descent
             return self.x, self.y
-        if self.pos + self.batch_size > self.order.numel():
-            self.order = torch.randperm(n, generator=self.gen, device=self.data.device)
+        if self.pos + self.batch_size > self.n:
+            self.order = self.data.shuffle(self.n)
             self.pos = 0
-        idx = self.order[self.pos : self.pos + self.batch_size]
+        idx = self.order[..., self.pos : self.pos + self.batch_size]
         self.pos += self.batch_size
-        return self.x[idx], self.y[idx]
+        if idx.dim() == 1:
+            return self.x[idx], self.y[idx]
+        return torch.take_along_dim(self.x, idx.unsqueeze(-1), 1), self.y.gather(1, idx)
 
 
 def hparams_of(cfg: DictConfig) -> dict[str, object]:
@@ -149,7 +179,7 @@ def hparams_of(cfg: DictConfig) -> dict[str, object]:
         "replicas": cfg.replicas,
         "seed": cfg.seed,
         "target_seed": cfg.target.seed,
-        "lr": cfg.optimizer.get("lr"),
+        "lr": base_lr(cfg.optimizer.lr) if "lr" in cfg.optimizer else None,
         "steps": cfg.steps,
         "batch_size": cfg.batch_size,
         "n_train": cfg.n_train,
@@ -167,7 +197,7 @@ def train(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None =
     target = build_target(cfg.target, device)
     test_set = TestSet(cfg, target, device)
     model = build_model(cfg.model, cfg.seed, device)
-    data = Data(cfg, target, device, cfg.seed, TRAIN_STREAM)
+    data = training_data(cfg, target, device)
     theory = reference_errors(cfg, target, model)
 
     record = RunRecord(Path(run_dir), OmegaConf.to_container(cfg, resolve=True), hparams_of(cfg))
@@ -249,6 +279,11 @@ def fit_by_gradient(
     optimizer, scheduler = build_optimizer(cfg.optimizer, model, cfg.steps)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     precision = GradientPrecision(cfg.optimizer, make_generator(device, cfg.seed, ROUNDING_STREAM))
+    rates = (
+        PerReplicaRates(cfg.optimizer.lr, params)
+        if isinstance(cfg.optimizer.lr, ListConfig)
+        else None
+    )
     progress = tqdm(
         total=cfg.steps,
         desc=f"{cfg.model.name} d={cfg.d} width={cfg.width}",
@@ -266,7 +301,11 @@ def fit_by_gradient(
             per_replica.sum().backward()
             if precision.active:
                 precision.apply(params)
+            if rates:
+                rates.remember()
             optimizer.step()
+            if rates:
+                rates.rescale()
             scheduler.step()
             loss_sum += per_replica.detach()
             steps_in_sum += 1

@@ -97,7 +97,7 @@ def test_a_two_by_two_multirun_leaves_four_records(tmp_path):
     [
         ("width=-5", "invalid config: width=-5 (must be an integer >= 1)"),
         ("d=0", "invalid config: d=0 (must be an integer >= 1)"),
-        ("optimizer.lr=0", "invalid config: optimizer.lr=0.0 (must be a finite number > 0)"),
+        ("optimizer.lr=0", "invalid config: optimizer.lr=0 (must be a finite number > 0)"),
         ("model=nope", "Could not find 'model/nope'"),
         ("width=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
     ],

@@ -65,7 +65,7 @@ def test_groups_read_the_top_level_knobs(make_cfg):
         ("batch_size=0", "invalid config: batch_size=0 (must be an integer >= 1)"),
         ("replicas=0", "invalid config: replicas=0 (must be an integer >= 1)"),
         ("n_test=1", "invalid config: n_test=1 (must be an integer >= 2"),
-        ("optimizer.lr=0", "invalid config: optimizer.lr=0.0 (must be a finite number > 0)"),
+        ("optimizer.lr=0", "invalid config: optimizer.lr=0 (must be a finite number > 0)"),
         ("optimizer.lr=nan", "invalid config: optimizer.lr=nan (must be a finite number > 0)"),
         ("optimizer.momentum=1.5", "invalid config: optimizer.momentum=1.5 (must be in [0, 1))"),
         ("n_train=10", "invalid config: n_train=10 (must be >= batch_size=32"),

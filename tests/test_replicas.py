@@ -1,0 +1,87 @@
+"""Many seeds in one pass: replica r of a run equals the single run with seed + r."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from randfeat_torch.config import ConfigError
+
+BASE = ["steps=60", "eval_every=30", "replicas=3", "seed=5"]
+
+
+def close(batched: torch.Tensor, single: torch.Tensor) -> bool:
+    return torch.allclose(batched, single, rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "fit",
+    [
+        ["optimizer=sgd"],
+        ["optimizer=adam", "optimizer.lr=0.01"],
+        ["model=frozen", "optimizer=ridge", "n_train=3000"],
+        ["model=linearized", "optimizer=sgd", "n_train=256"],
+    ],
+)
+@pytest.mark.parametrize("sampling", ["shared", "independent"])
+def test_replica_r_equals_the_single_run_with_seed_plus_r(run, fit, sampling):
+    batched = run(*BASE, *fit, f"replica_data={sampling}")
+    for r in range(3):
+        # Shared minibatches come from the run's seed: the single run names it as data_seed.
+        data = ["data_seed=5"] if sampling == "shared" else []
+        single = run(*BASE, *fit, "replicas=1", f"seed={5 + r}", *data)
+        for name in ("test_error", "train_loss"):
+            assert close(batched.metrics[name][r], single.metrics[name][0]), (name, r)
+    assert len(set(batched.metrics["test_error"].tolist())) == 3
+
+
+def test_independent_replicas_see_different_data(run):
+    shared = run(*BASE, "model=frozen", "optimizer=ridge", "n_train=3000", "model.bias=false")
+    independent = run(
+        *BASE,
+        "model=frozen",
+        "optimizer=ridge",
+        "n_train=3000",
+        "model.bias=false",
+        "replica_data=independent",
+    )
+    # Same features (same init seeds), other samples: other fits.
+    assert not torch.equal(shared.metrics["train_loss"], independent.metrics["train_loss"])
+    assert shared.theory == independent.theory
+
+
+@pytest.mark.parametrize("optimizer", [["optimizer=sgd"], ["optimizer=adam"]])
+def test_one_learning_rate_per_replica_equals_separate_runs(run, optimizer):
+    batched = run(
+        *BASE, *optimizer, "replicas=2", "optimizer.lr=[0.05,0.3]", "optimizer.schedule=cosine"
+    )
+    for r, lr in enumerate([0.05, 0.3]):
+        single = run(
+            *BASE,
+            *optimizer,
+            "replicas=1",
+            f"seed={5 + r}",
+            "data_seed=5",
+            f"optimizer.lr={lr}",
+            "optimizer.schedule=cosine",
+        )
+        assert close(batched.metrics["test_error"][r], single.metrics["test_error"][0]), r
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["replicas=2", "optimizer.lr=[0.1,0.2,0.3]"], "a list needs one rate per replica: 2"),
+        (
+            ["replicas=2", "optimizer.lr=[0.1,-1]"],
+            "optimizer.lr.1=-1 (must be a finite number > 0)",
+        ),
+        (["replica_data=mixed"], "replica_data=mixed (allowed: shared, independent)"),
+        (["optimizer.lr=abc"], "optimizer.lr=abc (must be a finite number > 0)"),
+    ],
+)
+def test_bad_replica_settings_are_refused(run, overrides, message):
+    with pytest.raises(
+        ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+    ):
+        run(*overrides)
