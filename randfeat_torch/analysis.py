@@ -180,21 +180,24 @@ def _panels(n: int, title: str) -> tuple[plt.Figure, list[plt.Axes]]:
 
 
 def _theory_lines(ax: plt.Axes, frame: pd.DataFrame) -> None:
-    """Horizontal lines at the best linear / quadratic errors (one per distinct value)."""
+    """Horizontal lines at the best linear / quadratic errors, one per distinct value, named
+    when there are few enough to read."""
     for column, name in THEORY_LINES.items():
         if column not in frame:
             continue
         values = np.unique(frame[column].dropna().round(6))
-        for value in values[values > 0]:  # log axes: a zero residual has no line
+        values = values[values > 0]  # log axes: a zero residual has no line
+        for value in values:
             ax.axhline(value, color="gray", ls="--" if column.endswith("_1") else ":", lw=0.9)
-            ax.annotate(
-                f"{name} {value:.3g}",
-                (0.02, value),
-                xycoords=("axes fraction", "data"),
-                fontsize=6,
-                color="gray",
-                va="bottom",
-            )
+            if len(values) <= 2:
+                ax.annotate(
+                    f"{name} {value:.3g}",
+                    (0.02, value),
+                    xycoords=("axes fraction", "data"),
+                    fontsize=6,
+                    color="gray",
+                    va="bottom",
+                )
 
 
 def _plain_ticks(ax: plt.Axes, values: list[float]) -> None:

@@ -170,6 +170,7 @@ class TrainConfig:
     n_test: int = 10_000
     eval_every: int = 200
     device: str = "auto"
+    threads: int | None = None
     progress: bool = True
     aggregate: bool = False
     vars: dict[str, Any] = field(default_factory=dict)
@@ -281,6 +282,8 @@ def validate(cfg: DictConfig) -> None:
                 f"must be >= batch_size={cfg.batch_size}, or null for online",
             )
     _one_of(cfg, "device", DEVICES)
+    if cfg.threads is not None:
+        _int_at_least(cfg, "threads", 1)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device", "cuda", "CUDA is not available here; allowed: auto, cpu")
     for key, top in (("target.d", "d"), ("model.d", "d"), ("model.width", "width")):

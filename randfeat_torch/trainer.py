@@ -193,6 +193,8 @@ def train(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None =
     ``choices``: the config-group options picked (Hydra's runtime choices), for the record."""
     start = time.perf_counter()
     validate(cfg)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     target = build_target(cfg.target, device)
     test_set = TestSet(cfg, target, device)
@@ -208,7 +210,7 @@ def train(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None =
     fit = fit_by_ridge if cfg.optimizer.name == "ridge" else fit_by_gradient
     loop_start = time.perf_counter()
     try:
-        status, metrics, steps_done = fit(cfg, model, data, test_set, record, start)
+        status, metrics, steps_done, eval_time = fit(cfg, model, data, test_set, record, start)
     except KeyboardInterrupt:
         record.write("interrupted", wall_time_s=time.perf_counter() - start)
         record.close(None, 0)
@@ -221,7 +223,7 @@ def train(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None =
         )
         record.close(None, 0)
         raise
-    loop_time = time.perf_counter() - loop_start
+    step_time = time.perf_counter() - loop_start - eval_time  # training steps only
     wall_time = time.perf_counter() - start
     record.log_theory(steps_done, theory)
     record.write(
@@ -229,7 +231,7 @@ def train(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None =
         metrics=metrics,
         steps_done=steps_done,
         wall_time_s=wall_time,
-        steps_per_s=steps_done / loop_time,
+        steps_per_s=steps_done / step_time,
     )
     record.close(metrics, steps_done)
     return RunResult(
@@ -238,7 +240,7 @@ def train(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None =
         theory,
         steps_done,
         wall_time,
-        steps_done / loop_time,
+        steps_done / step_time,
         str(device),
         Path(run_dir),
         model,
@@ -247,8 +249,9 @@ def train(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None =
 
 def fit_by_ridge(
     cfg: DictConfig, model: Model, data: Data, test_set: TestSet, record: RunRecord, start: float
-) -> tuple[str, dict[str, torch.Tensor], int]:
-    """The closed-form output layer on n_train fresh samples, streamed in chunks (one 'step')."""
+) -> tuple[str, dict[str, torch.Tensor], int, float]:
+    """The closed-form output layer on n_train fresh samples, streamed in chunks (one 'step').
+    Returns the status, final metrics, steps done and the seconds spent evaluating."""
     solution = fit_ridge(
         model.ridge_features,
         data.draw,
@@ -260,6 +263,7 @@ def fit_by_ridge(
         chunk_size=cfg.optimizer.chunk_size,
     )
     model.load_ridge_solution(solution.beta.float(), solution.c.float())
+    eval_start = time.perf_counter()
     metrics = test_set.evaluate(model, solution.train_mse.float())
     record.log_eval(1, metrics)
     finite = torch.isfinite(metrics["test_error"])
@@ -267,13 +271,15 @@ def fit_by_ridge(
         "running",
         ridge={"lambda": solution.penalty.tolist(), "eigen_fallback": solution.fallback},
     )
-    return ("ok" if bool(finite.all()) else "diverged"), metrics, 1
+    status = "ok" if bool(finite.all()) else "diverged"
+    return status, metrics, 1, time.perf_counter() - eval_start
 
 
 def fit_by_gradient(
     cfg: DictConfig, model: Model, data: Data, test_set: TestSet, record: RunRecord, start: float
-) -> tuple[str, dict[str, torch.Tensor], int]:
-    """The optimizer loop: ``steps`` minibatch steps, evaluating every ``eval_every``."""
+) -> tuple[str, dict[str, torch.Tensor], int, float]:
+    """The optimizer loop: ``steps`` minibatch steps, evaluating every ``eval_every``.
+    Returns the status, final metrics, steps done and the seconds spent evaluating."""
     device = data.device
     batches = Batches(cfg, data)
     optimizer, scheduler = build_optimizer(cfg.optimizer, model, cfg.steps)
@@ -291,7 +297,7 @@ def fit_by_gradient(
         dynamic_ncols=True,
     )
     loss_sum = torch.zeros(cfg.replicas, device=device)
-    steps_in_sum, status, metrics = 0, "ok", {}
+    steps_in_sum, status, metrics, eval_time = 0, "ok", {}, 0.0
     loop_start = time.perf_counter()
     with progress:
         for step in range(1, cfg.steps + 1):
@@ -313,6 +319,7 @@ def fit_by_gradient(
 
             if step % cfg.eval_every and step != cfg.steps:
                 continue
+            eval_start = time.perf_counter()
             metrics = test_set.evaluate(model, loss_sum / steps_in_sum)
             loss_sum.zero_()
             steps_in_sum = 0
@@ -323,12 +330,13 @@ def fit_by_gradient(
                 metrics=metrics,
                 steps_done=step,
                 wall_time_s=time.perf_counter() - start,
-                steps_per_s=step / (time.perf_counter() - loop_start),
+                steps_per_s=step / (time.perf_counter() - loop_start - eval_time),
             )
             if not bool(finite.all()):
                 status = "diverged"
                 fields["diverged_replicas"] = (~finite).nonzero().flatten().tolist()
             record.write("running", **fields)
+            eval_time += time.perf_counter() - eval_start
             if not bool(finite.any()):
                 break
-    return status, metrics, step
+    return status, metrics, step, eval_time

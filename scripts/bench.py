@@ -1,0 +1,256 @@
+"""Speed of randfeat_torch, as ratios against baselines measured in the same process.
+
+``python scripts/bench.py [--quick] [--device cpu|cuda] [--out bench.json]``
+
+Every figure is a ratio against a baseline timed in this process, interleaved with it
+(baseline, ours, baseline, ours, ...), median of the repeats, so that a noisy or shared machine
+moves both sides alike:
+
+- single model: the project's trainer vs a plain hand-written PyTorch loop (nn.Sequential,
+  torch.optim.SGD, a fresh Gaussian batch each step), d=64, width=1024, batch=256, SGD, for the
+  trainable and the frozen model: steps/s ratio;
+- replicas: R=16 replicas at d=32, width=256, batch=128 vs 16 runs of the plain loop one after
+  another: model-steps/s ratio;
+- large shapes: d=256, width=4096, batch=1024, trainable: achieved FLOP/s of the training step
+  as a fraction of the fp32 matmul peak measured here (a large square matmul);
+- closed form vs SGD: frozen net, d=64, width=2048, unit ReLU neuron: time for ridge to reach
+  its error vs time for SGD to come within 10% of it (or the error SGD has after its budget);
+- start-up: ``python train.py steps=1`` end to end vs ``python -c "import torch"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from torch import nn
+
+from randfeat_torch.cli import CONFIG_DIR
+from randfeat_torch.trainer import train
+
+ROOT = CONFIG_DIR.parent
+TARGETS = {
+    "single_trainable": 1.0,
+    "single_frozen": 1.0,
+    "replicas": 5.0,
+    "large_fraction_of_peak": 0.65,
+    "ridge_vs_sgd": 20.0,
+    "startup": 2.5,
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def plain_loop(
+    d: int, width: int, batch: int, steps: int, frozen: bool, device: torch.device
+) -> float:
+    """What a researcher writes by hand; returns steps/s (after one warm-up step)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    w_star = torch.randn(d, device=device, generator=gen)
+    w_star /= w_star.norm()
+    net = nn.Sequential(nn.Linear(d, width), nn.ReLU(), nn.Linear(width, 1)).to(device)
+    if frozen:
+        net[0].requires_grad_(False)
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+
+    def step() -> None:
+        x = torch.randn(batch, d, device=device, generator=gen)
+        y = torch.relu(x @ w_star)
+        loss = (net(x).squeeze(-1) - y).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return steps / (time.perf_counter() - start)
+
+
+class Trainer:
+    """The project's trainer on a composed config; ``steps_per_s`` times the step loop."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.tmp = Path(tempfile.mkdtemp(prefix="randfeat-bench-"))
+        self.runs = 0
+
+    def run(self, *overrides: str):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("train", [f"device={self.device}", "progress=false", *overrides])
+        self.runs += 1
+        return train(cfg, self.tmp / f"run{self.runs}")
+
+    def steps_per_s(self, d: int, width: int, batch: int, steps: int, *extra: str) -> float:
+        shape = [f"d={d}", f"width={width}", f"batch_size={batch}", f"steps={steps}"]
+        result = self.run(*shape, f"eval_every={steps}", "n_test=2", *extra)
+        return result.steps_per_s
+
+
+def interleaved(baseline: Callable[[], float], ours: Callable[[], float], repeats: int) -> dict:
+    """Median rates of both sides, timed alternately, and their ratio (ours / baseline)."""
+    base_rates, our_rates = [], []
+    for _ in range(repeats):
+        base_rates.append(baseline())
+        our_rates.append(ours())
+    base, mine = statistics.median(base_rates), statistics.median(our_rates)
+    return {"baseline": base, "ours": mine, "ratio": mine / base}
+
+
+def matmul_peak(device: torch.device, n: int, repeats: int) -> float:
+    """fp32 FLOP/s of an n x n x n matmul, median over repeats."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    torch.mm(a, b)
+    rates = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        rates.append(2 * n**3 / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def startup_seconds(command: list[str], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True, cwd=ROOT)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short run that checks every figure")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", type=Path, default=Path("bench.json"))
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench: --device cuda, but CUDA is not available here", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    quick = args.quick
+    repeats = 3 if quick else 7
+    steps = 30 if quick else 300
+    ours = Trainer(args.device)
+    figures: dict[str, dict] = {}
+
+    for regime in ("trainable", "frozen"):
+        figures[f"single_{regime}"] = interleaved(
+            lambda regime=regime: plain_loop(64, 1024, 256, steps, regime == "frozen", device),
+            lambda regime=regime: ours.steps_per_s(
+                64, 1024, 256, steps, f"model={regime}", "optimizer.lr=0.01"
+            ),
+            repeats,
+        )
+
+    replicas = 16
+    figures["replicas"] = interleaved(
+        lambda: (
+            replicas
+            / sum(1 / plain_loop(32, 256, 128, steps, False, device) for _ in range(replicas))
+        ),
+        lambda: (
+            replicas
+            * ours.steps_per_s(32, 256, 128, steps, f"replicas={replicas}", "optimizer.lr=0.01")
+        ),
+        max(1, repeats // 2),
+    )
+
+    d, width, batch = (64, 1024, 256) if quick else (256, 4096, 1024)
+    flops_per_step = 4 * batch * d * width + 6 * batch * width  # no gradient for the input x
+    peak = matmul_peak(device, 1024 if quick else 2048, repeats)
+    large = interleaved(
+        lambda: peak,
+        lambda: (
+            flops_per_step
+            * ours.steps_per_s(d, width, batch, max(5, steps // 10), "optimizer.lr=0.001")
+        ),
+        max(1, repeats // 2),
+    )
+    figures["large_fraction_of_peak"] = {
+        "peak_flops": peak,
+        "achieved_flops": large["ours"],
+        "ratio": large["ratio"],
+        "shape": {"d": d, "width": width, "batch": batch},
+    }
+
+    n_train = 4000 if quick else 40000
+    common = ["model=frozen", "d=64", "width=512" if quick else "width=2048", "n_test=5000"]
+    start = time.perf_counter()
+    ridge = ours.run(*common, "optimizer=ridge", f"n_train={n_train}")
+    ridge_time = time.perf_counter() - start
+    goal = 1.1 * ridge.test_error
+    budget = 200 if quick else 3000
+    start = time.perf_counter()
+    sgd = ours.run(*common, f"steps={budget}", "eval_every=50", "optimizer.lr=0.2")
+    sgd_time = time.perf_counter() - start
+    figures["ridge_vs_sgd"] = {
+        "ridge_error": ridge.test_error,
+        "ridge_s": ridge_time,
+        "sgd_error": sgd.test_error,
+        "sgd_s": sgd_time,
+        "sgd_reached_goal": sgd.test_error <= goal,
+        "ratio": sgd_time / ridge_time,
+    }
+
+    bare = startup_seconds([sys.executable, "-c", "import torch"], repeats)
+    app = startup_seconds(
+        [
+            sys.executable,
+            "train.py",
+            "steps=1",
+            "n_test=100",
+            "width=16",
+            "device=cpu",
+            f"hydra.run.dir={ours.tmp / 'startup'}",
+        ],
+        repeats,
+    )
+    figures["startup"] = {"import_torch_s": bare, "train_py_s": app, "ratio": app / bare}
+
+    lines = [f"{'figure':<24}{'ratio':>8}{'target':>10}  detail"]
+    for name, fig in figures.items():
+        target = TARGETS[name]
+        better = fig["ratio"] <= target if name == "startup" else fig["ratio"] >= target
+        sign = "<=" if name == "startup" else ">="
+        detail = {k: v for k, v in fig.items() if k != "ratio"}
+        detail = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in detail.items()
+        )
+        lines.append(
+            f"{name:<24}{fig['ratio']:>8.3g}{sign + format(target, 'g'):>10}  "
+            f"{'met' if better else 'MISSED'}; {detail}"
+        )
+    print("\n".join(lines))
+    info = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "quick": quick,
+    }
+    args.out.write_text(
+        json.dumps({"info": info, "figures": figures, "targets": TARGETS}, indent=2)
+    )
+    print(f"wrote {args.out} ({info})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
