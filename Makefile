@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: help setup train test lint format tensorboard aggregate clean
+.PHONY: help setup train test lint format tensorboard aggregate bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ format: $(STAMP)  ## ruff format and autofix
 
 aggregate: $(STAMP)  ## table, summary and plots of a sweep: make aggregate [SWEEP=dir] (default newest)
 	$(PY) scripts/aggregate.py $(SWEEP)
+
+bench: $(STAMP)  ## speed figures as in-process ratios; writes bench.json (about 5 minutes)
+	$(PY) scripts/bench.py
 
 tensorboard: $(STAMP)  ## open TensorBoard on every run under outputs/
 	$(VENV)/bin/tensorboard --logdir outputs

@@ -1,0 +1,64 @@
+"""The benchmark script produces every figure (the targets are for quiet machines, not CI)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_quick_produces_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    bench = json.loads(out.read_text())
+    figures = bench["figures"]
+    assert (
+        set(figures)
+        == set(bench["targets"])
+        == {
+            "single_trainable",
+            "single_frozen",
+            "replicas",
+            "large_fraction_of_peak",
+            "ridge_vs_sgd",
+            "startup",
+        }
+    )
+    for name, figure in figures.items():
+        assert math.isfinite(figure["ratio"]) and figure["ratio"] > 0, name
+        assert name in done.stdout
+    assert (
+        figures["large_fraction_of_peak"]["peak_flops"]
+        > figures["large_fraction_of_peak"]["achieved_flops"]
+        > 0
+    )
+    assert bench["info"]["device"] == "cpu"
+
+
+def test_bench_refuses_cuda_without_cuda(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--device", "cuda"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert done.returncode == 2 and "CUDA is not available" in done.stderr
