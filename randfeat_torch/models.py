@@ -88,18 +88,37 @@ class TwoLayerNet(nn.Module):
         self.a = nn.Parameter(a_init.to(device))
         self.c = nn.Parameter(torch.zeros(replicas, device=device))
 
+    def _hidden_shared(self, x: torch.Tensor) -> torch.Tensor:
+        """act(<w, x> + b) for x: (n, d) shared by all replicas, as one matmul over all
+        R * width units: (n, R, width), contiguous, so that the backward stays contiguous."""
+        w = self.w.view(-1, self.d).t()
+        pre = x @ w if self.b is None else torch.addmm(self.b.view(-1), x, w)
+        return self.act(pre.view(x.shape[0], self.replicas, self.width))
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Hidden activations act(<w, x> + b). x: (n, d) shared or (R, n, d) -> (R, n, width)."""
-        pre = torch.matmul(x, self.w.transpose(1, 2))
+        if x.dim() == 2:
+            return self._hidden_shared(x).transpose(0, 1)
+        pre = torch.bmm(x, self.w.transpose(1, 2))
         if self.b is not None:
             pre = pre + self.b.unsqueeze(1)
         return self.act(pre)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (n, d) shared by all replicas, or (R, n, d) -> predictions (R, n)."""
-        h = self.features(x)
-        out = torch.baddbmm(self.c.view(-1, 1, 1), h, self.a.unsqueeze(-1), alpha=self.multiplier)
-        return out.squeeze(-1)
+        if x.dim() == 3:
+            h = self.features(x)
+            out = torch.baddbmm(
+                self.c.view(-1, 1, 1), h, self.a.unsqueeze(-1), alpha=self.multiplier
+            )
+            return out.squeeze(-1)
+        h = self._hidden_shared(x)  # (n, R, width)
+        if self.replicas == 1:  # a plain matmul: its backward is a matmul too
+            out = torch.addmm(
+                self.c, h.view(x.shape[0], self.width), self.a.t(), alpha=self.multiplier
+            )
+            return out.t()
+        return torch.add(self.c, (h * self.a).sum(-1), alpha=self.multiplier).t()
 
     def ridge_features(self, x: torch.Tensor) -> torch.Tensor:
         """Features phi with f(x) = <phi(x), a> + c when the first layer is fixed: (R, n, width)."""

@@ -80,7 +80,8 @@ class ReluNeuron(Target):
         self.variance = (s * s + b * b) * cdf + b * s * pdf - self.mean**2
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x @ self.w + self.bias)
+        pre = x @ self.w
+        return torch.relu(pre + self.bias if self.bias else pre)
 
 
 def hermite_orthonormal(x: torch.Tensor, degree: int) -> torch.Tensor:
