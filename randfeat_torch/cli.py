@@ -72,6 +72,14 @@ def run(cfg: DictConfig) -> float:
     except ConfigError as error:
         print(error, file=sys.stderr)
         sys.exit(2)
+    if result.status == "interrupted":
+        print(
+            f"interrupted at step {result.steps_done}: checkpoint and record are in "
+            f"{result.run_dir}; run the same command with hydra.run.dir={result.run_dir} "
+            "to resume",
+            file=sys.stderr,
+        )
+        sys.exit(128 + (result.interrupted_by or 0))
     print(summary_line(cfg, result), flush=True)
     return result.test_error
 

@@ -169,6 +169,8 @@ class TrainConfig:
     n_train: int | None = None
     n_test: int = 10_000
     eval_every: int = 200
+    checkpoint_every: int | None = None
+    resume: bool = True
     device: str = "auto"
     threads: int | None = None
     progress: bool = True
@@ -281,6 +283,8 @@ def validate(cfg: DictConfig) -> None:
                 cfg.n_train,
                 f"must be >= batch_size={cfg.batch_size}, or null for online",
             )
+    if cfg.checkpoint_every is not None:
+        _int_at_least(cfg, "checkpoint_every", 1)
     _one_of(cfg, "device", DEVICES)
     if cfg.threads is not None:
         _int_at_least(cfg, "threads", 1)

@@ -20,6 +20,9 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
 RECORD_NAME = "metrics.json"
+CHECKPOINT_NAME = "checkpoint.pt"
+# Keys that do not change what a run computes: a checkpoint stays valid across them.
+NOT_IN_FINGERPRINT = ("progress", "aggregate", "checkpoint_every", "resume", "threads")
 METRICS = ("test_error", "test_mse", "train_loss", "train_error")
 TAGS = {
     "train_loss": "train/loss",
@@ -76,16 +79,79 @@ def _per_replica(values: torch.Tensor) -> float | list[float | None] | None:
     return floats[0] if len(floats) == 1 else floats
 
 
+def _fingerprint(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in NOT_IN_FINGERPRINT}
+
+
+def _first_difference(saved: Any, now: Any, key: str = "") -> str | None:
+    """The first key whose value differs, as 'key=saved (now: value)'."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        for k in sorted(set(saved) | set(now)):
+            found = _first_difference(saved.get(k), now.get(k), f"{key}.{k}" if key else k)
+            if found:
+                return found
+        return None
+    return None if saved == now else f"{key}={saved} (this run: {now})"
+
+
+def save_checkpoint(run_dir: Path, config: dict[str, Any], state: dict[str, Any]) -> None:
+    """Write ``checkpoint.pt`` atomically (temp file + rename) with the run's config."""
+    path = Path(run_dir) / CHECKPOINT_NAME
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"version": 1, "config": _fingerprint(config), **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint in ``run_dir`` if there is one; a corrupt one, or one written for another
+    config, is refused (and left as it is)."""
+    from randfeat_torch.config import ConfigError
+
+    path = Path(run_dir) / CHECKPOINT_NAME
+    if not path.exists():
+        return None
+    fix = "resume=false starts fresh in a new folder"
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        saved = checkpoint["config"]
+    except Exception as error:  # unpickling raises many types on a damaged file
+        raise ConfigError(
+            "checkpoint", str(path), f"is corrupt or truncated ({type(error).__name__}); {fix}"
+        ) from None
+    difference = _first_difference(saved, _fingerprint(config))
+    if difference:
+        raise ConfigError("checkpoint", str(path), f"was written for {difference}; {fix}")
+    return checkpoint
+
+
 class RunRecord:
     """Writes one run's TensorBoard scalars, hparams entry and ``metrics.json``."""
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], hparam_dict: dict[str, Any]):
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict[str, Any],
+        hparam_dict: dict[str, Any],
+        checkpoint: dict[str, Any] | None = None,
+    ):
+        """With a ``checkpoint``, TensorBoard drops what was logged after its step, so that
+        the resumed series continue without duplicated steps."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / RECORD_NAME
         self.hparam_dict = hparam_dict
-        self.writer = SummaryWriter(log_dir=str(self.run_dir))
-        self.writer.add_custom_scalars(LAYOUT)
+        resumed = None if checkpoint is None else checkpoint["step"]
+        purge = None if resumed is None else resumed + 1
+        self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge)
+        if resumed is None:
+            self.writer.add_custom_scalars(LAYOUT)
         self.record: dict[str, Any] = {
             "status": "running",
             "config": config,
@@ -97,6 +163,7 @@ class RunRecord:
             "versions": {"python": platform.python_version(), "torch": torch.__version__},
             "git": git_state(),
             "host": platform.node(),
+            "resumed_from_step": resumed,
         }
 
     def log_eval(self, step: int, metrics: dict[str, torch.Tensor]) -> None:

@@ -11,6 +11,7 @@ test MSE / variance of the test targets (1.0 = predicting the mean).
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 from randfeat_torch.config import ConfigError, ridge_features, validate
 from randfeat_torch.models import LinearizedNet, TwoLayerNet, build_model
 from randfeat_torch.optim import GradientPrecision, PerReplicaRates, base_lr, build_optimizer
-from randfeat_torch.record import RunRecord
+from randfeat_torch.record import RunRecord, load_checkpoint, save_checkpoint
 from randfeat_torch.ridge import fit_ridge
 from randfeat_torch.targets import Target, build_target, make_generator, sample_inputs
 from randfeat_torch.theory import reference_errors
@@ -47,6 +48,7 @@ class RunResult:
     device: str
     run_dir: Path
     model: Model
+    interrupted_by: int | None = None  # the signal that stopped the run, if one did
 
     @property
     def test_error(self) -> float:
@@ -166,6 +168,16 @@ class Batches:
             return self.x[idx], self.y[idx]
         return torch.take_along_dim(self.x, idx.unsqueeze(-1), 1), self.y.gather(1, idx)
 
+    def state(self) -> dict:
+        """Where a finite pass stands (online batches depend on the generators alone)."""
+        return {} if self.online else {"pos": self.pos, "order": getattr(self, "order", None)}
+
+    def restore(self, state: dict) -> None:
+        if not self.online:
+            self.pos = state["pos"]
+            if state["order"] is not None:
+                self.order = state["order"]
+
 
 def hparams_of(cfg: DictConfig) -> dict[str, object]:
     """The knobs shown as columns in TensorBoard's hparams dashboard."""
@@ -188,9 +200,18 @@ def hparams_of(cfg: DictConfig) -> dict[str, object]:
     }
 
 
-def train(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = None) -> RunResult:
+def train(
+    cfg: DictConfig,
+    run_dir: Path | str,
+    choices: dict[str, str] | None = None,
+    stop_at: int | None = None,
+) -> RunResult:
     """Train the configured model on the configured target; write the record in ``run_dir``.
-    ``choices``: the config-group options picked (Hydra's runtime choices), for the record."""
+
+    ``choices``: the config-group options picked (Hydra's runtime choices), for the record.
+    With ``resume`` and a checkpoint in ``run_dir``, the run continues from it and ends with
+    the metrics an uninterrupted run would have (bit-identical on CPU). ``stop_at``: behave as
+    if SIGTERM arrived during that step (checkpoint, status ``interrupted``), for tests."""
     start = time.perf_counter()
     validate(cfg)
     if cfg.threads is not None:
@@ -201,15 +222,24 @@ def train(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None =
     model = build_model(cfg.model, cfg.seed, device)
     data = training_data(cfg, target, device)
     theory = reference_errors(cfg, target, model)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    checkpoint = load_checkpoint(Path(run_dir), config) if cfg.resume else None
 
-    record = RunRecord(Path(run_dir), OmegaConf.to_container(cfg, resolve=True), hparams_of(cfg))
+    record = RunRecord(Path(run_dir), config, hparams_of(cfg), checkpoint)
     record.write("running", device=str(device), theory=theory, choices=choices or {})
-    record.log_theory(0, theory)
-    initial = test_set.evaluate(model, torch.full((cfg.replicas,), torch.nan, device=device))
-    record.log_eval(0, initial)
-    fit = fit_by_ridge if cfg.optimizer.name == "ridge" else fit_by_gradient
+    if checkpoint is None:
+        record.log_theory(0, theory)
+        initial = test_set.evaluate(model, torch.full((cfg.replicas,), torch.nan, device=device))
+        record.log_eval(0, initial)
     try:
-        status, metrics, steps_done, step_time = fit(cfg, model, data, test_set, record, start)
+        if cfg.optimizer.name == "ridge":
+            status, metrics, steps_done, step_time = fit_by_ridge(
+                cfg, model, data, test_set, record
+            )
+        else:
+            loop = Loop(cfg, model, data, test_set, record, start, stop_at)
+            status, metrics, steps_done, step_time = loop.run(checkpoint)
+            interrupted_by = loop.signal
     except KeyboardInterrupt:
         record.write("interrupted", wall_time_s=time.perf_counter() - start)
         record.close(None, 0)
@@ -223,6 +253,20 @@ def train(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None =
         record.close(None, 0)
         raise
     wall_time = time.perf_counter() - start
+    if status == "interrupted":
+        record.close(None, steps_done)
+        return RunResult(
+            status,
+            metrics,
+            theory,
+            steps_done,
+            wall_time,
+            0.0,
+            str(device),
+            Path(run_dir),
+            model,
+            interrupted_by,
+        )
     record.log_theory(steps_done, theory)
     record.write(
         status,
@@ -246,7 +290,7 @@ def train(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None =
 
 
 def fit_by_ridge(
-    cfg: DictConfig, model: Model, data: Data, test_set: TestSet, record: RunRecord, start: float
+    cfg: DictConfig, model: Model, data: Data, test_set: TestSet, record: RunRecord
 ) -> tuple[str, dict[str, torch.Tensor], int, float]:
     """The closed-form output layer on n_train fresh samples, streamed in chunks (one 'step').
     Returns the status, final metrics, steps done and the seconds the fit took."""
@@ -274,72 +318,154 @@ def fit_by_ridge(
     return status, metrics, 1, fit_time
 
 
-def fit_by_gradient(
-    cfg: DictConfig, model: Model, data: Data, test_set: TestSet, record: RunRecord, start: float
-) -> tuple[str, dict[str, torch.Tensor], int, float]:
-    """The optimizer loop: ``steps`` minibatch steps, evaluating every ``eval_every``.
-    Returns the status, final metrics, steps done and the seconds the steps took (set-up,
-    evaluation and logging left out)."""
-    device = data.device
-    batches = Batches(cfg, data)
-    optimizer, scheduler = build_optimizer(cfg.optimizer, model, cfg.steps)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    precision = GradientPrecision(cfg.optimizer, make_generator(device, cfg.seed, ROUNDING_STREAM))
-    rates = (
-        PerReplicaRates(cfg.optimizer.lr, params)
-        if isinstance(cfg.optimizer.lr, ListConfig)
-        else None
-    )
-    scheduled = cfg.optimizer.schedule != "constant" or cfg.optimizer.warmup_steps > 0
-    progress = tqdm(
-        total=cfg.steps,
-        desc=f"{cfg.model.name} d={cfg.d} width={cfg.width}",
-        disable=not (cfg.progress and sys.stderr.isatty()),
-        dynamic_ncols=True,
-    )
-    loss_sum = torch.zeros(cfg.replicas, device=device)
-    steps_in_sum, status, metrics, eval_time = 0, "ok", {}, 0.0
-    steps, eval_every = cfg.steps, cfg.eval_every  # plain ints: no config look-up per step
-    loop_start = time.perf_counter()
-    with progress:
-        for step in range(1, steps + 1):
-            x, y = batches.next()
-            per_replica = (model(x) - y).square().mean(dim=1)  # (R,)
-            optimizer.zero_grad(set_to_none=True)
-            per_replica.sum().backward()
-            if precision.active:
-                precision.apply(params)
-            if rates:
-                rates.remember()
-            optimizer.step()
-            if rates:
-                rates.rescale()
-            if scheduled:
-                scheduler.step()
-            loss_sum += per_replica.detach()
-            steps_in_sum += 1
-            progress.update()
+class Loop:
+    """The optimizer loop: ``steps`` minibatch steps, evaluating every ``eval_every``, with a
+    checkpoint every ``checkpoint_every`` steps (default: at every evaluation) and on SIGTERM
+    or SIGINT, after which it stops with status ``interrupted``."""
 
-            if step % eval_every and step != steps:
-                continue
-            eval_start = time.perf_counter()
-            metrics = test_set.evaluate(model, loss_sum / steps_in_sum)
-            loss_sum.zero_()
-            steps_in_sum = 0
-            record.log_eval(step, metrics)
-            progress.set_postfix(test_error=f"{float(metrics['test_error'].mean()):.4g}")
-            finite = torch.isfinite(metrics["train_loss"]) & torch.isfinite(metrics["test_error"])
-            fields = dict(
-                metrics=metrics,
-                steps_done=step,
-                wall_time_s=time.perf_counter() - start,
-                steps_per_s=step / (time.perf_counter() - loop_start - eval_time),
-            )
-            if not bool(finite.all()):
-                status = "diverged"
-                fields["diverged_replicas"] = (~finite).nonzero().flatten().tolist()
-            record.write("running", **fields)
-            eval_time += time.perf_counter() - eval_start
-            if not bool(finite.any()):
-                break
-    return status, metrics, step, time.perf_counter() - loop_start - eval_time
+    def __init__(
+        self,
+        cfg: DictConfig,
+        model: Model,
+        data: Data,
+        test_set: TestSet,
+        record: RunRecord,
+        start: float,
+        stop_at: int | None = None,
+    ) -> None:
+        self.cfg, self.model, self.data, self.test_set, self.record = (
+            cfg,
+            model,
+            data,
+            test_set,
+            record,
+        )
+        self.start, self.stop_at = start, stop_at
+        self.batches = Batches(cfg, data)
+        self.optimizer, self.scheduler = build_optimizer(cfg.optimizer, model, cfg.steps)
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        rounding = make_generator(data.device, cfg.seed, ROUNDING_STREAM)
+        self.precision = GradientPrecision(cfg.optimizer, rounding)
+        lr = cfg.optimizer.lr
+        self.rates = PerReplicaRates(lr, self.params) if isinstance(lr, ListConfig) else None
+        self.loss_sum = torch.zeros(cfg.replicas, device=data.device)
+        self.steps_in_sum, self.step, self.status = 0, 0, "ok"
+        self.all_diverged = False
+        self.signal: int | None = None
+
+    def state(self) -> dict:
+        """Everything the remaining steps depend on."""
+        generators = [*self.data.gens, self.precision.gen]
+        return {
+            "step": self.step,
+            "status": self.status,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generators": [g.get_state() for g in generators],
+            "batches": self.batches.state(),
+            "loss_sum": self.loss_sum,
+            "steps_in_sum": self.steps_in_sum,
+        }
+
+    def restore(self, state: dict) -> None:
+        self.step, self.status = state["step"], state["status"]
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for g, saved in zip(
+            [*self.data.gens, self.precision.gen], state["generators"], strict=True
+        ):
+            g.set_state(saved)
+        self.batches.restore(state["batches"])
+        self.loss_sum.copy_(state["loss_sum"])
+        self.steps_in_sum = state["steps_in_sum"]
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.signal = signum  # acted on at the end of the step (after an evaluation in flight)
+
+    def run(self, checkpoint: dict | None) -> tuple[str, dict[str, torch.Tensor], int, float]:
+        """Returns the status, final metrics, steps done and the seconds the steps took (set-up,
+        evaluation and logging left out)."""
+        if checkpoint is not None:
+            self.restore(checkpoint)
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return self._steps()
+        finally:
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+
+    def _steps(self) -> tuple[str, dict[str, torch.Tensor], int, float]:
+        cfg, model, optimizer = self.cfg, self.model, self.optimizer
+        scheduled = cfg.optimizer.schedule != "constant" or cfg.optimizer.warmup_steps > 0
+        steps, eval_every = cfg.steps, cfg.eval_every  # plain ints: no config look-up per step
+        checkpoint_every = cfg.checkpoint_every or eval_every
+        progress = tqdm(
+            total=steps,
+            initial=self.step,
+            desc=f"{cfg.model.name} d={cfg.d} width={cfg.width}",
+            disable=not (cfg.progress and sys.stderr.isatty()),
+            dynamic_ncols=True,
+        )
+        metrics: dict[str, torch.Tensor] = {}
+        eval_time = 0.0
+        loop_start = time.perf_counter()
+        with progress:
+            for step in range(self.step + 1, steps + 1):
+                x, y = self.batches.next()
+                per_replica = (model(x) - y).square().mean(dim=1)  # (R,)
+                optimizer.zero_grad(set_to_none=True)
+                per_replica.sum().backward()
+                if self.precision.active:
+                    self.precision.apply(self.params)
+                if self.rates:
+                    self.rates.remember()
+                optimizer.step()
+                if self.rates:
+                    self.rates.rescale()
+                if scheduled:
+                    self.scheduler.step()
+                self.loss_sum += per_replica.detach()
+                self.steps_in_sum += 1
+                self.step = step
+                progress.update()
+                if step == self.stop_at:
+                    self.signal = signal.SIGTERM
+
+                evaluate = step % eval_every == 0 or step == steps
+                if evaluate:
+                    eval_start = time.perf_counter()
+                    metrics = self._evaluate(loop_start, eval_time)
+                    progress.set_postfix(test_error=f"{float(metrics['test_error'].mean()):.4g}")
+                    eval_time += time.perf_counter() - eval_start
+                if self.signal is not None:
+                    save_checkpoint(self.record.run_dir, self.record.record["config"], self.state())
+                    name = signal.Signals(self.signal).name
+                    self.record.write("interrupted", steps_done=step, interrupted_by=name)
+                    return "interrupted", metrics, step, time.perf_counter() - loop_start
+                if step % checkpoint_every == 0 and step != steps:
+                    save_checkpoint(self.record.run_dir, self.record.record["config"], self.state())
+                if evaluate and self.all_diverged:
+                    break
+        return self.status, metrics, self.step, time.perf_counter() - loop_start - eval_time
+
+    def _evaluate(self, loop_start: float, eval_time: float) -> dict[str, torch.Tensor]:
+        """Test metrics, TensorBoard, the record; marks divergence (NaN or Inf)."""
+        metrics = self.test_set.evaluate(self.model, self.loss_sum / self.steps_in_sum)
+        self.loss_sum.zero_()
+        self.steps_in_sum = 0
+        self.record.log_eval(self.step, metrics)
+        finite = torch.isfinite(metrics["train_loss"]) & torch.isfinite(metrics["test_error"])
+        fields = dict(
+            metrics=metrics,
+            steps_done=self.step,
+            wall_time_s=time.perf_counter() - self.start,
+            steps_per_s=self.step / max(1e-9, time.perf_counter() - loop_start - eval_time),
+        )
+        if not bool(finite.all()):
+            self.status = "diverged"
+            fields["diverged_replicas"] = (~finite).nonzero().flatten().tolist()
+        self.record.write("running", **fields)
+        self.all_diverged = not bool(finite.any())
+        return metrics

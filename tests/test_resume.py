@@ -1,0 +1,133 @@
+"""Checkpoints: an interrupted run resumed from its checkpoint ends bit-identical to an
+uninterrupted one; corrupt and mismatched checkpoints are refused and left as they are."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from randfeat_torch.config import ConfigError
+from randfeat_torch.record import CHECKPOINT_NAME
+from randfeat_torch.trainer import train
+from tests.conftest import ROOT, SMALL
+
+CASES = {
+    "online sgd": ["steps=30", "eval_every=10"],
+    "finite adam cosine": [
+        "steps=30",
+        "eval_every=10",
+        "n_train=80",
+        "optimizer=adam",
+        "optimizer.schedule=cosine",
+        "optimizer.warmup_steps=3",
+    ],
+    "replicas, rates, rounding": [
+        "steps=30",
+        "eval_every=10",
+        "replicas=2",
+        "replica_data=independent",
+        "optimizer.lr=[0.05,0.2]",
+        "optimizer.momentum=0",
+        "optimizer.grad_precision=0.001",
+        "optimizer.stochastic_rounding=true",
+        "checkpoint_every=4",
+    ],
+}
+
+
+def steps_logged(run_dir) -> list[int]:
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return [e.step for e in events.Scalars("test/error")]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("stop_at", [7, 10, 13])  # mid-way, during an evaluation, after one
+def test_a_resumed_run_equals_an_uninterrupted_one(make_cfg, tmp_path, case, stop_at):
+    cfg = make_cfg(*CASES[case])
+    whole = train(cfg, tmp_path / "whole")
+
+    run_dir = tmp_path / "cut"
+    cut = train(cfg, run_dir, stop_at=stop_at)
+    assert cut.status == "interrupted" and cut.steps_done == stop_at
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert record["status"] == "interrupted" and record["interrupted_by"] == "SIGTERM"
+    assert (run_dir / CHECKPOINT_NAME).exists()
+
+    resumed = train(cfg, run_dir)
+    assert resumed.status == "ok" and resumed.steps_done == 30
+    for name in ("test_error", "test_mse", "train_loss"):
+        assert torch.equal(resumed.metrics[name], whole.metrics[name]), name
+    for mine, theirs in zip(resumed.model.parameters(), whole.model.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
+    assert json.loads((run_dir / "metrics.json").read_text())["resumed_from_step"] == stop_at
+    if "replicas=2" not in CASES[case]:
+        assert steps_logged(run_dir) == steps_logged(tmp_path / "whole") == [0, 10, 20, 30]
+
+
+def test_a_corrupt_checkpoint_is_refused_and_left_alone(make_cfg, tmp_path):
+    cfg = make_cfg("steps=20", "eval_every=10")
+    train(cfg, tmp_path, stop_at=5)
+    path = tmp_path / CHECKPOINT_NAME
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    damaged = path.read_bytes()
+    with pytest.raises(ConfigError, match="is corrupt or truncated"):
+        train(cfg, tmp_path)
+    assert path.read_bytes() == damaged
+
+
+def test_a_checkpoint_of_another_config_is_refused(make_cfg, tmp_path):
+    train(make_cfg("steps=20", "eval_every=10"), tmp_path, stop_at=5)
+    before = (tmp_path / CHECKPOINT_NAME).read_bytes()
+    with pytest.raises(ConfigError, match=r"was written for model.width=64 \(this run: 32\)"):
+        train(make_cfg("steps=20", "eval_every=10", "width=32"), tmp_path)
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before
+    fresh = train(make_cfg("steps=20", "eval_every=10", "width=32", "resume=false"), tmp_path)
+    assert fresh.status == "ok"
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_the_same_command_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *SMALL,
+        "steps=3000",
+        "eval_every=100",
+        f"hydra.run.dir={run_dir}",
+    ]
+    whole = subprocess.run(
+        [*command[:-1], f"hydra.run.dir={tmp_path / 'whole'}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert whole.returncode == 0, whole.stderr
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    record = run_dir / "metrics.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if record.exists() and json.loads(record.read_text()).get("steps_done", 0) >= 100:
+            break
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted at step" in err
+    assert json.loads(record.read_text())["status"] == "interrupted"
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    final = json.loads(record.read_text())
+    reference = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert final["status"] == "ok" and final["resumed_from_step"] > 0
+    assert final["metrics"] == reference["metrics"]
