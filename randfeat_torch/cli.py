@@ -12,10 +12,13 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
 from randfeat_torch.config import ConfigError, validate
+from randfeat_torch.record import mark_failed, read_record
 from randfeat_torch.trainer import RunResult, train
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -62,16 +65,59 @@ class AggregateOnMultirunEnd(Callback):
             print(aggregate(Path(config.hydra.sweep.dir)).summary, end="", flush=True)
 
 
+class ReportJobs(Callback):
+    """Prints every job's outcome as it ends, and the list when the multirun ends: Hydra's
+    basic launcher goes on after a failed job but reports only the first failure."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[str] = []
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        job = f"job {config.hydra.job.num} ({config.hydra.job.override_dirname or 'defaults'})"
+        try:
+            job_return.return_value  # noqa: B018 (raises the job's exception, if it failed)
+            record = read_record(Path(config.hydra.runtime.output_dir)) or {}
+            line = f"{job}: {record.get('status', 'no record')}"
+        except Exception as error:
+            line = f"{job}: failed: {type(error).__name__}: {error}"
+            print(f"[{line}]", file=sys.stderr, flush=True)
+        self.outcomes.append(line)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        print(f"{len(self.outcomes)} jobs:", *self.outcomes, sep="\n  ", flush=True)
+
+
 def run(cfg: DictConfig) -> float:
-    """Train in Hydra's output dir; return the final test error (mean over replicas)."""
+    """Train in Hydra's output dir; return the final test error (mean over replicas).
+    A run whose record says ``ok`` is not trained again (``resume=false`` to force it); a job
+    that raises still leaves a record with ``status: failed`` and the error."""
+    runtime = HydraConfig.get().runtime
+    run_dir = Path(runtime.output_dir)
+    done = read_record(run_dir) if cfg.resume else None
+    if done and done.get("status") == "ok":
+        errors = done["metrics"]["test_error"]
+        error = sum(errors) / len(errors) if isinstance(errors, list) else errors
+        print(
+            f"[skip] {run_dir} is finished (status ok, test error {error:.4g}); "
+            "resume=false trains it again",
+            flush=True,
+        )
+        return error
+    # Our groups' picks (not Hydra's own groups "hydra/..." nor the schemas "schema/...").
+    choices = {k: v for k, v in runtime.choices.items() if v and "/" not in k and "@" not in k}
     try:
-        runtime = HydraConfig.get().runtime
-        # Our groups' picks (not Hydra's own groups "hydra/..." nor the schemas "schema/...").
-        choices = {k: v for k, v in runtime.choices.items() if v and "/" not in k and "@" not in k}
-        result = train(cfg, Path(runtime.output_dir), choices)
+        result = train(cfg, run_dir, choices)
     except ConfigError as error:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # one bad job must not stop the sweep
+            mark_failed(run_dir, OmegaConf.to_container(cfg, resolve=True), error)
+            raise
         print(error, file=sys.stderr)
         sys.exit(2)
+    except Exception as error:
+        mark_failed(run_dir, OmegaConf.to_container(cfg, resolve=True), error)
+        raise
     if result.status == "interrupted":
         print(
             f"interrupted at step {result.steps_done}: checkpoint and record are in "

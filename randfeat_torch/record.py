@@ -56,6 +56,23 @@ def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
+def read_record(run_dir: Path) -> dict[str, Any] | None:
+    """The run record in ``run_dir``, or None if there is none or it cannot be read."""
+    try:
+        return json.loads((Path(run_dir) / RECORD_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def mark_failed(run_dir: Path, config: dict[str, Any], error: BaseException) -> None:
+    """Make sure a job that raised leaves a record saying ``failed``, with the error."""
+    record = read_record(run_dir) or {"config": config}
+    if record.get("status") != "failed":
+        record.update(status="failed", error=f"{type(error).__name__}: {error}")
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(run_dir) / RECORD_NAME, record)
+
+
 def git_state() -> dict[str, Any]:
     """The commit of the checkout this package runs from, and whether it has local changes."""
     here = Path(__file__).resolve().parent

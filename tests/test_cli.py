@@ -133,3 +133,24 @@ def test_console_script_behaves_like_train_py(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert json.loads((run_dir / "metrics.json").read_text())["config"]["model"]["name"] == "frozen"
+
+
+def test_a_failing_job_leaves_a_failed_record_and_the_sweep_goes_on(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", *SMALL, "width=-5,8", "d=4,6", f"hydra.sweep.dir={sweep}"]
+    done = app(*args, cwd=tmp_path)
+    assert done.returncode != 0  # Hydra's basic launcher: exit 1 after a failed job
+    records = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
+    assert len(records) == 4
+    statuses = sorted(
+        (r["config"]["width"], r["config"]["d"], r["status"]) for r in records.values()
+    )
+    assert statuses == [(-5, 4, "failed"), (-5, 6, "failed"), (8, 4, "ok"), (8, 6, "ok")]
+    failed = [r for r in records.values() if r["status"] == "failed"]
+    assert all("invalid config: width=-5" in r["error"] for r in failed)
+    # Every failure is listed as it happens, not only the first.
+    assert done.stderr.count("failed: ConfigError: invalid config: width=-5") == 2
+
+    again = app(*args, cwd=tmp_path)
+    assert again.stdout.count("[skip]") == 2  # the finished jobs are not trained again
+    assert again.stderr.count("failed: ConfigError") == 2  # the failed ones are retried
