@@ -11,17 +11,56 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from randfeat_torch.config import ConfigError, validate
 from randfeat_torch.record import mark_failed, read_record
 from randfeat_torch.trainer import RunResult, train
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+GROUPS = ("input", "target", "model", "optimizer", "fit", "experiment")
+
+
+def load_config(overrides: list[str]) -> DictConfig:
+    """Compose train.yaml with ``overrides`` through Hydra's compose API and validate it: a
+    config that can run, or a :class:`ConfigError` whose one sentence names the key, the
+    value and what is allowed (Hydra's and OmegaConf's own errors translated)."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("train", overrides)
+        validate(cfg)
+        return cfg
+    except MissingConfigException as error:
+        group, _, option = (error.missing_cfg_file or "?/?").rpartition("/")
+        raise ConfigError(group, option, f"allowed: {', '.join(error.options or [])}") from None
+    except (ConfigCompositionException, OmegaConfBaseException) as error:
+        cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else error
+        key = getattr(cause, "full_key", None) or "config"
+        value = next(
+            (o.partition("=")[2] for o in overrides if o.lstrip("+~").startswith(f"{key}=")), "?"
+        )
+        reason = str(getattr(cause, "msg", None) or cause).splitlines()[0]
+        raise ConfigError(key, value, reason) from None
+    except (OverrideParseException, ValueError, TypeError) as error:  # "=3", "model=[1,2]"
+        if isinstance(error, ConfigError):
+            raise
+        for override in overrides:
+            key, _, value = override.partition("=")
+            if key.lstrip("+~") in GROUPS and not value.replace("_", "").isalnum():
+                raise ConfigError(key, value, "must name one option of the group") from None
+        bad = next((o for o in overrides if "=" not in o or o.startswith("=")), " ".join(overrides))
+        raise ConfigError("override", bad, "is not Hydra's KEY=VALUE syntax") from None
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def summary_line(cfg: DictConfig, result: RunResult) -> str:

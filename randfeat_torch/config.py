@@ -301,6 +301,32 @@ def validate(cfg: DictConfig) -> None:
     _validate_target(cfg)
     _validate_model(cfg)
     _validate_optimizer(cfg)
+    _validate_memory(cfg)
+
+
+def _memory_bytes(v: dict[str, Any]) -> int:
+    """float32 parameters with gradients and two optimizer states, a batch of activations,
+    the test set and a held training set."""
+    model = 4 * v["replicas"] * v["width"] * (v["d"] + 2 + v["batch_size"])
+    return 4 * (model + v["n_test"] * (v["d"] + 1) + v["n_train"] * (v["d"] + 1) * v["copies"])
+
+
+def _validate_memory(cfg: DictConfig) -> None:
+    """Refuse sizes that cannot fit in free memory, naming the key that matters most."""
+    held = cfg.n_train if cfg.n_train is not None and cfg.optimizer.name != "ridge" else 0
+    values = {k: cfg[k] for k in ("d", "width", "replicas", "batch_size", "n_test")}
+    values |= {"n_train": held, "copies": cfg.replicas if cfg.replica_data == "independent" else 1}
+    need, free = _memory_bytes(values), _free_memory_bytes(cfg.device)
+    if need <= free:
+        return
+    smallest = {"d": 1, "width": 1, "replicas": 1, "batch_size": 1, "n_test": 2, "n_train": 0}
+    key = min(smallest, key=lambda k: _memory_bytes({**values, k: smallest[k]}))
+    raise ConfigError(
+        key,
+        cfg[key],
+        f"this run needs about {need / 2**30:.3g} GiB, more than the {free / 2**30:.3g} GiB "
+        "free here",
+    )
 
 
 def _validate_target(cfg: DictConfig) -> None:
