@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from randfeat_torch.config import ConfigError, ridge_features, validate
 from randfeat_torch.models import LinearizedNet, TwoLayerNet, build_model
 from randfeat_torch.optim import GradientPrecision, PerReplicaRates, base_lr, build_optimizer
-from randfeat_torch.record import RunRecord, load_checkpoint, save_checkpoint
+from randfeat_torch.record import CHECKPOINT_NAME, RunRecord, load_checkpoint, save_checkpoint
 from randfeat_torch.ridge import fit_ridge
 from randfeat_torch.targets import Target, build_target, make_generator, sample_inputs
 from randfeat_torch.theory import reference_errors
@@ -267,6 +267,7 @@ def train(
             model,
             interrupted_by,
         )
+    (Path(run_dir) / CHECKPOINT_NAME).unlink(missing_ok=True)  # finished: nothing to resume
     record.log_theory(steps_done, theory)
     record.write(
         status,
@@ -445,7 +446,9 @@ class Loop:
                     self.record.write("interrupted", steps_done=step, interrupted_by=name)
                     return "interrupted", metrics, step, time.perf_counter() - loop_start
                 if step % checkpoint_every == 0 and step != steps:
+                    saving = time.perf_counter()
                     save_checkpoint(self.record.run_dir, self.record.record["config"], self.state())
+                    eval_time += time.perf_counter() - saving  # bookkeeping, not steps
                 if evaluate and self.all_diverged:
                     break
         return self.status, metrics, self.step, time.perf_counter() - loop_start - eval_time
