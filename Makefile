@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)  ## create .venv and install the project (once)
 
 train: $(STAMP)  ## run the default experiment: trained net vs random features, d=32
-	$(PY) train.py -m model=trainable,frozen
+	$(PY) train.py -m model=trainable,frozen resume=false
 	@echo "Curves and hparams: make tensorboard (or: $(VENV)/bin/tensorboard --logdir outputs)"
 
 test: $(STAMP)  ## lint, then the whole test suite (slow end-to-end tests included)

@@ -6,6 +6,7 @@ A bad config value exits with status 2 and one sentence on stderr, before any wo
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from randfeat_torch.config import ConfigError, validate
+from randfeat_torch.config import SWEEP_DIR_VARIABLE, ConfigError, validate
 from randfeat_torch.record import mark_failed, read_record
 from randfeat_torch.trainer import RunResult, train
 
@@ -88,6 +89,14 @@ class ValidateConfig(Callback):
         except ConfigError as error:
             print(error, file=sys.stderr)
             sys.exit(2)
+
+
+class FixSweepDir(Callback):
+    """Fixes the sweep folder, derived from the sweep's overrides, for all of its jobs."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        os.environ.pop(SWEEP_DIR_VARIABLE, None)
+        os.environ[SWEEP_DIR_VARIABLE] = str(config.hydra.sweep.dir)
 
 
 class AggregateOnMultirunEnd(Callback):
@@ -160,8 +169,7 @@ def run(cfg: DictConfig) -> float:
     if result.status == "interrupted":
         print(
             f"interrupted at step {result.steps_done}: checkpoint and record are in "
-            f"{result.run_dir}; run the same command with hydra.run.dir={result.run_dir} "
-            "to resume",
+            f"{result.run_dir}; run the same command again to resume",
             file=sys.stderr,
         )
         sys.exit(128 + (result.interrupted_by or 0))

@@ -8,6 +8,8 @@ raises :class:`ConfigError` with one sentence naming the key, the value and what
 from __future__ import annotations
 
 import ast
+import datetime
+import hashlib
 import math
 import operator
 import os
@@ -213,9 +215,34 @@ def calc(expression: str) -> int | float:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
+def folder_name(overrides: Any, resume: bool = True) -> str:
+    """A folder name derived from the overrides (``default`` without any), safe for the file
+    system: a rerun of the same command finds its folder. With ``resume=false`` a timestamp
+    is appended, so that a fresh start never writes over an earlier run."""
+    if not isinstance(overrides, str):  # hydra.overrides.task: a list of KEY=VALUE strings
+        overrides = ",".join(o for o in overrides if not o.startswith(("resume=", "hydra.")))
+    name = "".join(c if c.isalnum() or c in "=,.-_+[]" else "_" for c in overrides) or "default"
+    if len(name) > 120:
+        name = f"{name[:100]}_{hashlib.sha1(name.encode()).hexdigest()[:10]}"
+    if not resume:
+        name += datetime.datetime.now().strftime("_%Y-%m-%d_%H-%M-%S")
+    return name
+
+
+SWEEP_DIR_VARIABLE = "RANDFEAT_SWEEP_DIR"
+
+
+def sweep_dir(derived: str) -> str:
+    """The sweep folder fixed when the multirun started (see ``cli.FixSweepDir``): Hydra
+    resolves ``hydra.sweep.dir`` again for every job, with that job's overrides."""
+    return os.environ.get(SWEEP_DIR_VARIABLE) or derived
+
+
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore (under ``schema/``, out of the option lists)."""
     OmegaConf.register_new_resolver("calc", calc, replace=True)
+    OmegaConf.register_new_resolver("folder", folder_name, replace=True)
+    OmegaConf.register_new_resolver("sweep_dir", sweep_dir, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     for group, name, node in (

@@ -154,3 +154,21 @@ def test_a_failing_job_leaves_a_failed_record_and_the_sweep_goes_on(tmp_path):
     again = app(*args, cwd=tmp_path)
     assert again.stdout.count("[skip]") == 2  # the finished jobs are not trained again
     assert again.stderr.count("failed: ConfigError") == 2  # the failed ones are retried
+
+
+def test_folders_come_from_the_overrides_and_a_rerun_finds_its_runs(tmp_path):
+    args = [*SMALL, "steps=4", "eval_every=2"]
+    first = app(*args, cwd=tmp_path)
+    run_dir = tmp_path / "outputs" / "runs" / ",".join(sorted(args))
+    assert first.returncode == 0 and (run_dir / "metrics.json").exists(), first.stderr
+    again = app(*args, cwd=tmp_path)
+    assert again.returncode == 0 and f"[skip] {run_dir} is finished" in again.stdout
+    fresh = app(*args, "resume=false", cwd=tmp_path)
+    assert fresh.returncode == 0 and "[skip]" not in fresh.stdout
+    assert len(list((tmp_path / "outputs" / "runs").iterdir())) == 2  # a new folder, none lost
+
+    sweep_args = ["-m", *args, "d=4,6"]
+    assert app(*sweep_args, cwd=tmp_path).returncode == 0
+    sweeps = list((tmp_path / "outputs" / "multirun").iterdir())
+    assert len(sweeps) == 1 and len(list(sweeps[0].glob("*/metrics.json"))) == 2
+    assert app(*sweep_args, cwd=tmp_path).stdout.count("[skip]") == 2
