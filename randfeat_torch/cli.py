@@ -86,6 +86,7 @@ class ValidateConfig(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             validate(config)
+            check_writable(Path(config.hydra.run.dir))
         except ConfigError as error:
             print(error, file=sys.stderr)
             sys.exit(2)
@@ -97,6 +98,19 @@ class FixSweepDir(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         os.environ.pop(SWEEP_DIR_VARIABLE, None)
         os.environ[SWEEP_DIR_VARIABLE] = str(config.hydra.sweep.dir)
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse an output dir that cannot be created or written, before any work (creating it
+    is what Hydra does next anyway)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ok = os.access(run_dir, os.W_OK | os.X_OK)
+        reason = "is not writable"
+    except OSError as error:
+        ok, reason = False, f"cannot be created ({error.strerror})"
+    if not ok:
+        raise ConfigError("hydra.run.dir", str(run_dir), reason)
 
 
 class AggregateOnMultirunEnd(Callback):
@@ -163,6 +177,11 @@ def run(cfg: DictConfig) -> float:
             raise
         print(error, file=sys.stderr)
         sys.exit(2)
+    except OSError as error:  # disk full, folder gone or unwritable: say so, lose nothing else
+        print(f"cannot write the outputs of this run in {run_dir}: {error}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
+        sys.exit(1)
     except Exception as error:
         mark_failed(run_dir, OmegaConf.to_container(cfg, resolve=True), error)
         raise

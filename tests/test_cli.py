@@ -172,3 +172,12 @@ def test_folders_come_from_the_overrides_and_a_rerun_finds_its_runs(tmp_path):
     sweeps = list((tmp_path / "outputs" / "multirun").iterdir())
     assert len(sweeps) == 1 and len(list(sweeps[0].glob("*/metrics.json"))) == 2
     assert app(*sweep_args, cwd=tmp_path).stdout.count("[skip]") == 2
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    done = app(*SMALL, f"hydra.run.dir={blocker / 'run'}", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith(f"invalid config: hydra.run.dir={blocker / 'run'}")
+    assert "Traceback" not in done.stderr and blocker.read_text() == "not a folder"
