@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from randfeat_torch.config import SWEEP_DIR_VARIABLE, ConfigError, validate
-from randfeat_torch.record import mark_failed, read_record
+from randfeat_torch.record import RECORD_NAME, mark_failed, read_record
 from randfeat_torch.trainer import RunResult, train
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -128,27 +128,23 @@ class AggregateOnMultirunEnd(Callback):
 
 
 class ReportJobs(Callback):
-    """Prints every job's outcome as it ends, and the list when the multirun ends: Hydra's
-    basic launcher goes on after a failed job but reports only the first failure."""
-
-    def __init__(self) -> None:
-        self.outcomes: list[str] = []
+    """Prints every failed job as it ends, and every job's status when the multirun ends:
+    Hydra's basic launcher goes on after a failed job but reports only the first failure."""
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN:
             return
-        job = f"job {config.hydra.job.num} ({config.hydra.job.override_dirname or 'defaults'})"
         try:
             job_return.return_value  # noqa: B018 (raises the job's exception, if it failed)
-            record = read_record(Path(config.hydra.runtime.output_dir)) or {}
-            line = f"{job}: {record.get('status', 'no record')}"
         except Exception as error:
-            line = f"{job}: failed: {type(error).__name__}: {error}"
-            print(f"[{line}]", file=sys.stderr, flush=True)
-        self.outcomes.append(line)
+            job = f"job {config.hydra.job.num} ({config.hydra.job.override_dirname or 'defaults'})"
+            print(f"[{job}: failed: {type(error).__name__}: {error}]", file=sys.stderr, flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        print(f"{len(self.outcomes)} jobs:", *self.outcomes, sep="\n  ", flush=True)
+        """From the records, so that it holds whichever launcher ran the jobs."""
+        runs = sorted(Path(config.hydra.sweep.dir).glob(f"*/{RECORD_NAME}"))
+        lines = [f"{p.parent.name}: {(read_record(p.parent) or {}).get('status')}" for p in runs]
+        print(f"{len(lines)} jobs:", *lines, sep="\n  ", flush=True)
 
 
 def run(cfg: DictConfig) -> float:

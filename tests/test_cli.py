@@ -181,3 +181,28 @@ def test_an_output_dir_that_cannot_be_written_is_refused(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().startswith(f"invalid config: hydra.run.dir={blocker / 'run'}")
     assert "Traceback" not in done.stderr and blocker.read_text() == "not a folder"
+
+
+def test_a_four_job_sweep_through_the_joblib_launcher(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep = tmp_path / "sweep"
+    done = app(
+        "-m",
+        *SMALL,
+        "hydra/launcher=local_parallel",
+        "threads=1",
+        "d=4,6",
+        "width=16,32",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = [json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")]
+    assert sorted((r["config"]["d"], r["config"]["width"]) for r in records) == [
+        (4, 16),
+        (4, 32),
+        (6, 16),
+        (6, 32),
+    ]
+    assert all(r["status"] == "ok" and r["config"]["threads"] == 1 for r in records)
+    assert "4 jobs:" in done.stdout  # the statuses, read from the records the workers wrote
