@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -206,3 +208,53 @@ def test_a_four_job_sweep_through_the_joblib_launcher(tmp_path):
     ]
     assert all(r["status"] == "ok" and r["config"]["threads"] == 1 for r in records)
     assert "4 jobs:" in done.stdout  # the statuses, read from the records the workers wrote
+
+
+def test_submitit_jobs_killed_with_sigterm_are_finished_by_a_rerun(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    args = [
+        "-m",
+        *SMALL,
+        "hydra/launcher=slurm_local",
+        "threads=1",
+        "steps=3000",
+        "eval_every=100",
+        "d=4,6",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    launcher = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline, victim = time.time() + 120, None
+    while time.time() < deadline and victim is None:
+        for record in sweep.glob("*/metrics.json"):
+            if json.loads(record.read_text()).get("steps_done", 0) >= 100:
+                victim = record.parent
+                break
+        time.sleep(0.05)
+    assert victim is not None, "no job got to its first evaluation"
+    jobs = [int(p.name) for p in (sweep / ".submitit").iterdir() if p.name.isdigit()]
+    job_of = {
+        j: json.loads(next((sweep / ".submitit" / str(j)).glob("*_submitted.pkl")).name and "{}")
+        for j in jobs
+    }
+    assert jobs and job_of
+    for pid in jobs:  # the local executor's job ids are the workers' process ids
+        os.kill(pid, signal.SIGTERM)
+    launcher.communicate(timeout=120)
+    assert launcher.returncode != 0  # the sweep reports the killed jobs
+    killed = [json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")]
+    assert any(r["status"] == "interrupted" for r in killed)
+
+    again = app(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    final = [json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")]
+    assert len(final) == 2 and all(r["status"] == "ok" for r in final)
+    assert any((r.get("resumed_from_step") or 0) > 0 for r in final)
