@@ -1,9 +1,11 @@
 """Train random features or a two-layer net: ``python train.py model=frozen d=64``."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from randfeat_torch.cli import run
+from randfeat_torch.cli import precheck, run
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
@@ -12,4 +14,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    precheck(sys.argv[1:])  # bad input: one sentence and exit 2, before Hydra creates anything
     main()

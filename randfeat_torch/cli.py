@@ -6,6 +6,7 @@ A bad config value exits with status 2 and one sentence on stderr, before any wo
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from hydra.experimental.callback import Callback
@@ -62,6 +64,38 @@ def load_config(overrides: list[str]) -> DictConfig:
         raise ConfigError("override", bad, "is not Hydra's KEY=VALUE syntax") from None
     finally:
         GlobalHydra.instance().clear()
+
+
+MAX_PRECHECKED_JOBS = 256
+
+
+def precheck(argv: list[str]) -> None:
+    """Validate a command line before Hydra creates anything: every job of a sweep (its first
+    MAX_PRECHECKED_JOBS), through :func:`load_config`. A bad value, a wrong type, an unknown
+    key or option, a malformed override: one sentence on stderr and exit status 2."""
+    if any(a.startswith(("-c", "--cfg", "-h", "--help", "--info", "-i", "--shell")) for a in argv):
+        return
+    overrides = [
+        a for a in argv if not a.startswith("-") and not a.startswith(("hydra.", "hydra/"))
+    ]
+    parser = OverridesParser.create()
+    axes = []
+    for text in overrides:
+        try:
+            override = parser.parse_overrides([text])[0]
+            if override.is_sweep_override():
+                key = override.get_key_element()
+                axes.append([f"{key}={v}" for v in override.sweep_string_iterator()])
+            else:
+                axes.append([text])
+        except Exception:  # globs and the like: Hydra's sweeper expands them
+            axes.append([text])
+    try:
+        for job in itertools.islice(itertools.product(*axes), MAX_PRECHECKED_JOBS):
+            load_config(list(job))
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        sys.exit(2)
 
 
 def summary_line(cfg: DictConfig, result: RunResult) -> str:
@@ -196,4 +230,5 @@ def main() -> None:
     """The ``randfeat-train`` console script: same arguments as ``python train.py``."""
     if not (CONFIG_DIR / "train.yaml").is_file():
         sys.exit(f"randfeat-train: no configs at {CONFIG_DIR}; install with 'pip install -e .'")
+    precheck(sys.argv[1:])
     hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")(run)()

@@ -229,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             "n_test=100",
             "width=16",
             "device=cpu",
+            "resume=false",  # the same folder each time: train again, do not skip
             f"hydra.run.dir={ours.tmp / 'startup'}",
         ],
         repeats,
