@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -145,6 +146,21 @@ def check_writable(run_dir: Path) -> None:
         ok, reason = False, f"cannot be created ({error.strerror})"
     if not ok:
         raise ConfigError("hydra.run.dir", str(run_dir), reason)
+
+
+class ThreadsPerWorker(Callback):
+    """Under a launcher that runs jobs in parallel worker processes on one machine (the joblib
+    preset ``local_parallel``), give each job cores / workers torch threads unless ``threads``
+    is set, so that workers do not fight over the cores."""
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        launcher = config.hydra.launcher
+        if config.get("threads") is None and "joblib" in str(launcher.get("_target_", "")):
+            cores = os.cpu_count() or 1
+            workers = launcher.get("n_jobs") or 1
+            if workers < 0:  # joblib: -1 is every core
+                workers = cores
+            torch.set_num_threads(max(1, cores // workers))
 
 
 class AggregateOnMultirunEnd(Callback):

@@ -226,7 +226,13 @@ def train(
     checkpoint = load_checkpoint(Path(run_dir), config) if cfg.resume else None
 
     record = RunRecord(Path(run_dir), config, hparams_of(cfg), checkpoint)
-    record.write("running", device=str(device), theory=theory, choices=choices or {})
+    record.write(
+        "running",
+        device=str(device),
+        torch_threads=torch.get_num_threads(),
+        theory=theory,
+        choices=choices or {},
+    )
     if checkpoint is None:
         record.log_theory(0, theory)
         initial = test_set.evaluate(model, torch.full((cfg.replicas,), torch.nan, device=device))
