@@ -358,6 +358,7 @@ class Loop:
         self.loss_sum = torch.zeros(cfg.replicas, device=data.device)
         self.steps_in_sum, self.step, self.status = 0, 0, "ok"
         self.all_diverged = False
+        self.best = torch.full((cfg.replicas,), torch.inf)  # lowest test error seen, per replica
         self.signal: int | None = None
 
     def state(self) -> dict:
@@ -373,6 +374,7 @@ class Loop:
             "batches": self.batches.state(),
             "loss_sum": self.loss_sum,
             "steps_in_sum": self.steps_in_sum,
+            "best_test_error": self.best,
         }
 
     def restore(self, state: dict) -> None:
@@ -387,6 +389,7 @@ class Loop:
         self.batches.restore(state["batches"])
         self.loss_sum.copy_(state["loss_sum"])
         self.steps_in_sum = state["steps_in_sum"]
+        self.best = state["best_test_error"]
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.signal = signum  # acted on at the end of the step (after an evaluation in flight)
@@ -466,8 +469,10 @@ class Loop:
         self.steps_in_sum = 0
         self.record.log_eval(self.step, metrics)
         finite = torch.isfinite(metrics["train_loss"]) & torch.isfinite(metrics["test_error"])
+        self.best = torch.fmin(self.best, metrics["test_error"].detach().cpu())
         fields = dict(
             metrics=metrics,
+            best_test_error=[v if v < float("inf") else None for v in self.best.tolist()],
             steps_done=self.step,
             wall_time_s=time.perf_counter() - self.start,
             steps_per_s=self.step / max(1e-9, time.perf_counter() - loop_start - eval_time),

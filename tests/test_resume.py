@@ -68,7 +68,12 @@ def test_a_resumed_run_equals_an_uninterrupted_one(make_cfg, tmp_path, case, sto
         assert torch.equal(resumed.metrics[name], whole.metrics[name]), name
     for mine, theirs in zip(resumed.model.parameters(), whole.model.parameters(), strict=True):
         assert torch.equal(mine, theirs)
-    assert json.loads((run_dir / "metrics.json").read_text())["resumed_from_step"] == stop_at
+    final = json.loads((run_dir / "metrics.json").read_text())
+    assert final["resumed_from_step"] == stop_at
+    assert (
+        final["best_test_error"]
+        == json.loads((tmp_path / "whole" / "metrics.json").read_text())["best_test_error"]
+    )
     assert not (run_dir / CHECKPOINT_NAME).exists()  # a finished run leaves none behind
     if "replicas=2" not in CASES[case]:
         assert steps_logged(run_dir) == steps_logged(tmp_path / "whole") == [0, 10, 20, 30]
