@@ -12,8 +12,9 @@ import os
 import platform
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
@@ -42,18 +43,24 @@ LAYOUT = {
 }
 
 
-def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as JSON to ``path`` through a temporary file and a rename."""
+def atomic_write(path: Path, write: Callable[[IO[Any]], None], binary: bool = False) -> None:
+    """Write ``path`` through a temporary file in the same folder, synced, then renamed over
+    it: a reader sees the old file or the new one, never half of one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, allow_nan=False)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as strict JSON to ``path`` atomically."""
+    atomic_write(path, lambda f: json.dump(data, f, indent=2, allow_nan=False))
 
 
 def read_record(run_dir: Path) -> dict[str, Any] | None:
@@ -113,17 +120,8 @@ def _first_difference(saved: Any, now: Any, key: str = "") -> str | None:
 
 def save_checkpoint(run_dir: Path, config: dict[str, Any], state: dict[str, Any]) -> None:
     """Write ``checkpoint.pt`` atomically (temp file + rename) with the run's config."""
-    path = Path(run_dir) / CHECKPOINT_NAME
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"version": 1, "config": _fingerprint(config), **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    checkpoint = {"version": 1, "config": _fingerprint(config), **state}
+    atomic_write(Path(run_dir) / CHECKPOINT_NAME, lambda f: torch.save(checkpoint, f), binary=True)
 
 
 def load_checkpoint(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:

@@ -237,6 +237,7 @@ def train(
         record.log_theory(0, theory)
         initial = test_set.evaluate(model, torch.full((cfg.replicas,), torch.nan, device=device))
         record.log_eval(0, initial)
+    interrupted_by = None
     try:
         if cfg.optimizer.name == "ridge":
             status, metrics, steps_done, step_time = fit_by_ridge(
@@ -259,40 +260,32 @@ def train(
         record.close(None, 0)
         raise
     wall_time = time.perf_counter() - start
+    steps_per_s = 0.0
     if status == "interrupted":
         record.close(None, steps_done)
-        return RunResult(
+    else:
+        (Path(run_dir) / CHECKPOINT_NAME).unlink(missing_ok=True)  # finished: nothing to resume
+        steps_per_s = steps_done / step_time
+        record.log_theory(steps_done, theory)
+        record.write(
             status,
-            metrics,
-            theory,
-            steps_done,
-            wall_time,
-            0.0,
-            str(device),
-            Path(run_dir),
-            model,
-            interrupted_by,
+            metrics=metrics,
+            steps_done=steps_done,
+            wall_time_s=wall_time,
+            steps_per_s=steps_per_s,
         )
-    (Path(run_dir) / CHECKPOINT_NAME).unlink(missing_ok=True)  # finished: nothing to resume
-    record.log_theory(steps_done, theory)
-    record.write(
-        status,
-        metrics=metrics,
-        steps_done=steps_done,
-        wall_time_s=wall_time,
-        steps_per_s=steps_done / step_time,
-    )
-    record.close(metrics, steps_done)
+        record.close(metrics, steps_done)
     return RunResult(
         status,
         metrics,
         theory,
         steps_done,
         wall_time,
-        steps_done / step_time,
+        steps_per_s,
         str(device),
         Path(run_dir),
         model,
+        interrupted_by,
     )
 
 
