@@ -215,21 +215,19 @@ def run(cfg: DictConfig) -> float:
         return error
     # Our groups' picks (not Hydra's own groups "hydra/..." nor the schemas "schema/...").
     choices = {k: v for k, v in runtime.choices.items() if v and "/" not in k and "@" not in k}
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         result = train(cfg, run_dir, choices)
-    except ConfigError as error:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:  # one bad job must not stop the sweep
-            mark_failed(run_dir, OmegaConf.to_container(cfg, resolve=True), error)
-            raise
-        print(error, file=sys.stderr)
-        sys.exit(2)
-    except OSError as error:  # disk full, folder gone or unwritable: say so, lose nothing else
-        print(f"cannot write the outputs of this run in {run_dir}: {error}", file=sys.stderr)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise
-        sys.exit(1)
     except Exception as error:
-        mark_failed(run_dir, OmegaConf.to_container(cfg, resolve=True), error)
+        if isinstance(error, ConfigError) and not multirun:
+            print(error, file=sys.stderr)
+            sys.exit(2)
+        if isinstance(error, OSError):  # disk full, folder gone or unwritable: say so
+            print(f"cannot write the outputs of this run in {run_dir}: {error}", file=sys.stderr)
+            if not multirun:
+                sys.exit(1)
+        else:  # in a sweep, one bad job must not stop the others: record it and go on
+            mark_failed(run_dir, OmegaConf.to_container(cfg, resolve=True), error)
         raise
     if result.status == "interrupted":
         print(

@@ -393,7 +393,7 @@ def _validate_model(cfg: DictConfig) -> None:
     _one_of(cfg, "model.output_init", OUTPUT_INITS)
 
 
-def ridge_features(cfg: DictConfig) -> int:
+def ridge_feature_count(cfg: DictConfig) -> int:
     """Number of features P the ridge solver fits (the constant output bias is solved apart)."""
     if cfg.model.regime == "linearized":
         return cfg.width * (cfg.d + 1 + int(cfg.model.bias))
@@ -469,7 +469,7 @@ def _validate_ridge(cfg: DictConfig) -> None:
     _positive(cfg, "optimizer.penalty", allow_zero=True)
     if cfg.optimizer.chunk_size is not None:
         _int_at_least(cfg, "optimizer.chunk_size", 1)
-    features = ridge_features(cfg)
+    features = ridge_feature_count(cfg)
     need = 3 * cfg.replicas * features**2 * 8  # float64 Gram, its factor, and headroom
     free = _free_memory_bytes(cfg.device)
     if need > RIDGE_MEMORY_FRACTION * free:

@@ -192,6 +192,10 @@ class RunRecord:
                     self.writer.add_scalar(f"{TAGS[name]}/replica_{r}", value, step)
         self.writer.flush()
 
+    def checkpoint(self, state: dict[str, Any]) -> None:
+        """Write ``checkpoint.pt`` for this run (see :func:`save_checkpoint`)."""
+        save_checkpoint(self.run_dir, self.record["config"], state)
+
     def log_theory(self, step: int, theory: dict[str, Any]) -> None:
         """The theory's reference errors as ``theory/<name>`` (``/replica_r`` when per replica),
         logged at the first and last step so that they draw as lines beside the measured ones."""

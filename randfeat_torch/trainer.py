@@ -21,10 +21,10 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from randfeat_torch.config import ConfigError, ridge_features, validate
+from randfeat_torch.config import ConfigError, ridge_feature_count, validate
 from randfeat_torch.models import LinearizedNet, TwoLayerNet, build_model
 from randfeat_torch.optim import GradientPrecision, PerReplicaRates, base_lr, build_optimizer
-from randfeat_torch.record import CHECKPOINT_NAME, RunRecord, load_checkpoint, save_checkpoint
+from randfeat_torch.record import CHECKPOINT_NAME, RunRecord, load_checkpoint
 from randfeat_torch.ridge import fit_ridge
 from randfeat_torch.targets import Target, build_target, make_generator, sample_inputs
 from randfeat_torch.theory import reference_errors
@@ -151,6 +151,7 @@ class Batches:
         else:
             self.x, self.y = data.draw(cfg.n_train)
             self.n = cfg.n_train
+            self.order: torch.Tensor | None = None
             self.pos = self.n  # a fresh permutation at the first step
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,13 +171,11 @@ class Batches:
 
     def state(self) -> dict:
         """Where a finite pass stands (online batches depend on the generators alone)."""
-        return {} if self.online else {"pos": self.pos, "order": getattr(self, "order", None)}
+        return {} if self.online else {"pos": self.pos, "order": self.order}
 
     def restore(self, state: dict) -> None:
         if not self.online:
-            self.pos = state["pos"]
-            if state["order"] is not None:
-                self.order = state["order"]
+            self.pos, self.order = state["pos"], state["order"]
 
 
 def hparams_of(cfg: DictConfig) -> dict[str, object]:
@@ -300,7 +299,7 @@ def fit_by_ridge(
         data.draw,
         n=cfg.n_train,
         replicas=cfg.replicas,
-        num_features=ridge_features(cfg),
+        num_features=ridge_feature_count(cfg),
         relative_penalty=cfg.optimizer.penalty,
         device=data.device,
         chunk_size=cfg.optimizer.chunk_size,
@@ -443,13 +442,13 @@ class Loop:
                     progress.set_postfix(test_error=f"{float(metrics['test_error'].mean()):.4g}")
                     eval_time += time.perf_counter() - eval_start
                 if self.signal is not None:
-                    save_checkpoint(self.record.run_dir, self.record.record["config"], self.state())
+                    self.record.checkpoint(self.state())
                     name = signal.Signals(self.signal).name
                     self.record.write("interrupted", steps_done=step, interrupted_by=name)
                     return "interrupted", metrics, step, time.perf_counter() - loop_start
                 if step % checkpoint_every == 0 and step != steps:
                     saving = time.perf_counter()
-                    save_checkpoint(self.record.run_dir, self.record.record["config"], self.state())
+                    self.record.checkpoint(self.state())
                     eval_time += time.perf_counter() - saving  # bookkeeping, not steps
                 if evaluate and self.all_diverged:
                     break
