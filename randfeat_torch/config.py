@@ -28,6 +28,7 @@ REGIMES = ("trainable", "frozen", "linearized")
 SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 REPLICA_DATA = ("shared", "independent")
+BACKWARDS = ("analytic", "autograd")
 INPUTS = ("gaussian", "sphere", "hypercube")
 TARGETS = ("relu_neuron", "polynomial", "zigzag", "parity")
 OPTIMIZERS = ("sgd", "adam", "ridge")
@@ -175,6 +176,8 @@ class TrainConfig:
     resume: bool = True
     device: str = "auto"
     threads: int | None = None
+    backward: str = "analytic"
+    compile: bool = False
     progress: bool = True
     aggregate: bool = False
     vars: dict[str, Any] = field(default_factory=dict)
@@ -313,6 +316,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.checkpoint_every is not None:
         _int_at_least(cfg, "checkpoint_every", 1)
     _one_of(cfg, "device", DEVICES)
+    _one_of(cfg, "backward", BACKWARDS)
     if cfg.threads is not None:
         _int_at_least(cfg, "threads", 1)
     if cfg.device == "cuda" and not torch.cuda.is_available():

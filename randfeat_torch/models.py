@@ -120,6 +120,60 @@ class TwoLayerNet(nn.Module):
             return out.t()
         return torch.add(self.c, (h * self.a).sum(-1), alpha=self.multiplier).t()
 
+    @torch.no_grad()
+    def mse_gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The squared loss of each replica, mean_i (f_r(x_i) - y_i)^2, and its exact gradient
+        (what autograd's backward of their sum gives, without the autograd graph): x: (n, d)
+        and y: (n,) shared, or (R, n, d) and (R, n) per replica -> (loss (R,), grad_c, grad_a,
+        grad_w, grad_b), the last two None for a frozen first layer, grad_b None without bias.
+
+        The backward of the two layers is written out so that it runs in place where autograd
+        would allocate anew: with e = 2 (f - y) / n, grad_c = sum_i e, grad_a = m sum_i e act(pre),
+        grad_w = m a sum_i e act'(pre) x_i and grad_b = m a sum_i e act'(pre)."""
+        shared = x.dim() == 2
+        n, R = x.shape[-2], self.replicas
+        if shared:
+            w = self.w.view(-1, self.d).t()
+            pre = x @ w if self.b is None else torch.addmm(self.b.view(-1), x, w)
+            pre = pre.view(n, R, self.width)
+        else:
+            pre = torch.bmm(x, self.w.transpose(1, 2))
+            if self.b is not None:
+                pre += self.b.unsqueeze(1)
+        relu = self.act is torch.relu
+        hidden = pre.relu_() if relu else self.act(pre)
+        by_replica = hidden.transpose(0, 1) if shared else hidden  # (R, n, width), a view
+        out = torch.baddbmm(
+            self.c.view(-1, 1, 1), by_replica, self.a.unsqueeze(-1), alpha=self.multiplier
+        )
+        residual = out.view(R, n) - y
+        loss = residual.square().mean(dim=1)
+        e = residual.mul_(2.0 / n)  # d loss / d f: (R, n)
+        grad_c = e.sum(dim=1)
+        grad_a = torch.bmm(e.unsqueeze(1), by_replica).view(R, self.width).mul_(self.multiplier)
+        if self.frozen:
+            return loss, grad_c, grad_a, None, None
+        # e_i act'(pre_ij), in the activations' buffer (for ReLU act' = sign(act)); the factor
+        # m a_j of the gradient at unit j is applied after the sums over i, to (width, d) only.
+        slope = hidden.sign_() if relu else self.act_derivative(pre)
+        (slope.transpose(0, 1) if shared else slope).mul_(e.unsqueeze(-1))
+        scale = self.a * self.multiplier  # (R, width)
+        if shared:
+            flat = slope.view(n, -1)
+            grad_w = (flat.t() @ x).view_as(self.w)
+            grad_b = None if self.b is None else flat.sum(dim=0).view_as(self.b).mul_(scale)
+        else:
+            grad_w = torch.bmm(slope.transpose(1, 2), x)
+            grad_b = None if self.b is None else slope.sum(dim=1).mul_(scale)
+        grad_w.mul_(scale.unsqueeze(-1))
+        return loss, grad_c, grad_a, grad_w, grad_b
+
+    def set_gradients(self, grads: tuple[torch.Tensor | None, ...]) -> None:
+        """Put the gradients of :meth:`mse_gradients` (after the loss) into ``.grad``."""
+        for param, grad in zip((self.c, self.a, self.w, self.b), grads, strict=True):
+            if grad is not None:
+                param.grad = grad
+
     def ridge_features(self, x: torch.Tensor) -> torch.Tensor:
         """Features phi with f(x) = <phi(x), a> + c when the first layer is fixed: (R, n, width)."""
         return self.features(x) * self.multiplier

@@ -13,7 +13,8 @@ def build_optimizer(
     cfg: DictConfig, model: nn.Module, steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """The optimizer named by ``cfg.name`` over the trainable parameters, and its schedule.
-    With one lr per replica the optimizer runs at the first; :class:`PerReplicaRates` rescales."""
+    With one lr per replica the optimizer runs at the first; :class:`PerReplicaRates` rescales.
+    Both run fused: one kernel updates every parameter and its state."""
     params = [p for p in model.parameters() if p.requires_grad]
     lr = base_lr(cfg.lr)
     if cfg.name == "sgd":
@@ -23,6 +24,7 @@ def build_optimizer(
             momentum=cfg.momentum,
             nesterov=cfg.nesterov,
             weight_decay=cfg.weight_decay,
+            fused=True,
         )
     else:
         optimizer = torch.optim.Adam(
@@ -31,6 +33,7 @@ def build_optimizer(
             betas=tuple(cfg.betas),
             eps=cfg.eps,
             weight_decay=cfg.weight_decay,
+            fused=True,
         )
     factor = schedule_factor(cfg.schedule, cfg.warmup_steps, steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,6 +177,42 @@ class Batches:
     def restore(self, state: dict) -> None:
         if not self.online:
             self.pos, self.order = state["pos"], state["order"]
+
+
+def gradient_step(
+    cfg: DictConfig, model: Model
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``step(x, y)``: each replica's squared loss (R,), its gradient left in ``.grad``.
+
+    ``backward=analytic`` uses the two-layer net's hand-written gradient (the linearized model
+    has none and takes autograd); ``compile=true`` hands the step to torch.compile, on CUDA in
+    its ``reduce-overhead`` mode, which replays the step as one CUDA graph."""
+    mode = "reduce-overhead" if next(model.parameters()).is_cuda else "default"
+    compiled = (lambda f: torch.compile(f, mode=mode, dynamic=False)) if cfg.compile else None
+    if cfg.backward == "analytic" and isinstance(model, TwoLayerNet):
+        gradients = compiled(model.mse_gradients) if compiled else model.mse_gradients
+
+        def analytic(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            loss, *grads = gradients(x, y)
+            model.set_gradients(grads)
+            return loss
+
+        return analytic
+
+    def squared_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (model(x) - y).square().mean(dim=1)
+
+    loss_of = compiled(squared_loss) if compiled else squared_loss
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def autograd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for p in params:
+            p.grad = None
+        loss = loss_of(x, y)
+        loss.sum().backward()
+        return loss.detach()
+
+    return autograd
 
 
 def hparams_of(cfg: DictConfig) -> dict[str, object]:
@@ -343,6 +380,7 @@ class Loop:
         self.batches = Batches(cfg, data)
         self.optimizer, self.scheduler = build_optimizer(cfg.optimizer, model, cfg.steps)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.gradient_step = gradient_step(cfg, model)
         rounding = make_generator(data.device, cfg.seed, ROUNDING_STREAM)
         self.precision = GradientPrecision(cfg.optimizer, rounding)
         lr = cfg.optimizer.lr
@@ -399,7 +437,8 @@ class Loop:
                 signal.signal(s, handler)
 
     def _steps(self) -> tuple[str, dict[str, torch.Tensor], int, float]:
-        cfg, model, optimizer = self.cfg, self.model, self.optimizer
+        cfg, optimizer = self.cfg, self.optimizer
+        gradient_step = self.gradient_step
         scheduled = cfg.optimizer.schedule != "constant" or cfg.optimizer.warmup_steps > 0
         steps, eval_every = cfg.steps, cfg.eval_every  # plain ints: no config look-up per step
         checkpoint_every = cfg.checkpoint_every or eval_every
@@ -415,10 +454,7 @@ class Loop:
         loop_start = time.perf_counter()
         with progress:
             for step in range(self.step + 1, steps + 1):
-                x, y = self.batches.next()
-                per_replica = (model(x) - y).square().mean(dim=1)  # (R,)
-                optimizer.zero_grad(set_to_none=True)
-                per_replica.sum().backward()
+                per_replica = gradient_step(*self.batches.next())  # (R,), grads in .grad
                 if self.precision.active:
                     self.precision.apply(self.params)
                 if self.rates:
@@ -428,7 +464,7 @@ class Loop:
                     self.rates.rescale()
                 if scheduled:
                     self.scheduler.step()
-                self.loss_sum += per_replica.detach()
+                self.loss_sum += per_replica
                 self.steps_in_sum += 1
                 self.step = step
                 progress.update()

@@ -61,6 +61,7 @@ def test_groups_read_the_top_level_knobs(make_cfg):
     [
         ("width=-5", "invalid config: width=-5 (must be an integer >= 1)"),
         ("d=0", "invalid config: d=0 (must be an integer >= 1)"),
+        ("backward=fast", "invalid config: backward=fast (allowed: analytic, autograd)"),
         ("steps=0", "invalid config: steps=0 (must be an integer >= 1)"),
         ("batch_size=0", "invalid config: batch_size=0 (must be an integer >= 1)"),
         ("replicas=0", "invalid config: replicas=0 (must be an integer >= 1)"),

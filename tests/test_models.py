@@ -43,6 +43,31 @@ def test_frozen_first_layer_gets_no_gradient():
     assert net.a.grad is not None and net.c.grad is not None
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu", "tanh", "softplus", "quadratic"])
+@pytest.mark.parametrize("parameterization", ["standard", "ntk", "mean_field"])
+@pytest.mark.parametrize(("frozen", "bias"), [(False, True), (False, False), (True, True)])
+@pytest.mark.parametrize(("replicas", "shared"), [(1, True), (3, True), (3, False)])
+def test_analytic_gradient_equals_autograd(
+    activation, parameterization, frozen, bias, replicas, shared
+):
+    torch.manual_seed(0)
+    net = TwoLayerNet(5, 7, replicas, frozen, activation, bias, parameterization=parameterization)
+    net = net.double()
+    batch = (11,) if shared else (replicas, 11)
+    x, y = torch.randn(*batch, 5, dtype=torch.float64), torch.randn(*batch, dtype=torch.float64)
+    loss = (net(x) - y).square().mean(dim=1)
+    loss.sum().backward()
+    expected = {name: p.grad for name, p in net.named_parameters() if p.grad is not None}
+    net.zero_grad(set_to_none=True)
+    analytic_loss, *grads = net.mse_gradients(x, y)
+    net.set_gradients(grads)
+    got = {name: p.grad for name, p in net.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys() == ({"a", "c"} if frozen else {"a", "c", "w", *"b" * bias})
+    assert torch.allclose(analytic_loss, loss.detach(), rtol=1e-12)
+    for name, grad in expected.items():
+        assert torch.allclose(got[name], grad, rtol=1e-10, atol=1e-13), name
+
+
 def test_no_hidden_bias():
     net = TwoLayerNet(d=3, width=5, bias=False)
     assert net.b is None

@@ -139,3 +139,33 @@ def test_parity_runs_on_the_hypercube(run):
     result = run("target=parity", "target.k=2", "steps=40", "eval_every=20")
     assert result.status == "ok"
     assert result.model(torch.ones(1, 8)).shape == (1, 1)
+
+
+@pytest.mark.parametrize("model", ["trainable", "frozen"])
+def test_analytic_backward_trains_like_autograd(run, model):
+    """The hand-written gradient and autograd differ only by float rounding, step after step."""
+    overrides = [f"model={model}", "replicas=2", "optimizer=adam", "optimizer.lr=0.01"]
+    analytic = run(*overrides, "backward=analytic")
+    reference = run(*overrides, "backward=autograd")
+    for name in ("a", "c", "w", "b"):
+        assert torch.allclose(
+            getattr(analytic.model, name), getattr(reference.model, name), rtol=1e-4, atol=1e-5
+        ), name
+    assert analytic.test_error == pytest.approx(reference.test_error, rel=1e-3)
+
+
+def test_compiled_step_trains_like_the_eager_step(run, monkeypatch):
+    compiled_functions = []
+
+    def compile_and_count(function, **options):
+        compiled_functions.append(function)
+        return compile_torch(function, **options)
+
+    compile_torch = torch.compile
+    eager = run("model=trainable", "steps=10", "eval_every=10")
+    assert not compiled_functions
+    monkeypatch.setattr(torch, "compile", compile_and_count)
+    compiled = run("model=trainable", "steps=10", "eval_every=10", "compile=true")
+    assert len(compiled_functions) == 1
+    assert torch.allclose(compiled.model.w, eager.model.w, rtol=1e-4, atol=1e-5)
+    assert compiled.test_error == pytest.approx(eager.test_error, rel=1e-3)
