@@ -7,7 +7,7 @@ import torch
 
 from randfeat_torch.config import ConfigError
 from randfeat_torch.models import TwoLayerNet
-from randfeat_torch.ridge import fit_ridge
+from randfeat_torch.ridge import GRAM_BLOCK, fit_ridge
 
 CPU = torch.device("cpu")
 
@@ -59,6 +59,26 @@ def test_streaming_uses_bounded_chunks_and_gives_the_same_fit():
     assert sizes == [10_000]
     assert torch.allclose(chunked.beta, whole.beta, rtol=1e-9, atol=1e-12)
     assert torch.allclose(chunked.train_mse, whole.train_mse, rtol=1e-9)
+
+
+def test_the_gram_blocks_below_the_diagonal_give_the_dense_solution():
+    """Widths past GRAM_BLOCK, uneven blocks, two replicas: the same beta as the dense normal
+    equations built from every feature at once."""
+    width = 2 * GRAM_BLOCK + 77
+    net = TwoLayerNet(d=6, width=width, replicas=2, freeze_first_layer=True, seed=1)
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(3000, 6, generator=gen), torch.randn(3000, generator=gen)
+    fit = fit_ridge(net.ridge_features, lambda m: (x, y), 3000, 2, width, 1e-3, CPU)
+    with torch.no_grad():
+        phi = net.ridge_features(x).double()  # (2, n, width)
+    mu, y = phi.mean(dim=1, keepdim=True), y.double()
+    cov = phi.transpose(1, 2) @ phi / 3000 - mu.transpose(1, 2) @ mu
+    penalty = 1e-3 * cov.diagonal(dim1=1, dim2=2).mean(-1)
+    system = cov + penalty.view(2, 1, 1) * torch.eye(width, dtype=torch.float64)
+    beta = torch.linalg.solve(system, (phi - mu).transpose(1, 2) @ (y - y.mean()) / 3000)
+    assert torch.allclose(fit.beta, beta, rtol=1e-8, atol=1e-10)
+    residual = ((phi - mu) @ beta.unsqueeze(-1)).squeeze(-1) - (y - y.mean())
+    assert torch.allclose(fit.train_mse, residual.square().mean(dim=1), rtol=1e-8)
 
 
 def test_rank_deficient_features_fall_back_to_the_minimum_norm_solution():
