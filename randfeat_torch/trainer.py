@@ -64,6 +64,29 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class Stopwatch:
+    """Seconds of work on a device: CUDA events on CUDA (timed on the GPU's own timeline, read
+    only when asked, which waits for the work queued so far), ``perf_counter`` on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> float | torch.cuda.Event:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def since(self, mark: float | torch.cuda.Event) -> float:
+        """Seconds from ``mark`` to now."""
+        if not self.cuda:
+            return time.perf_counter() - mark
+        end = self.mark()
+        end.synchronize()
+        return mark.elapsed_time(end) / 1000
+
+
 class Data:
     """Inputs from the configured distribution, labelled by the target, on the device.
 
@@ -179,18 +202,32 @@ class Batches:
             self.pos, self.order = state["pos"], state["order"]
 
 
+def compile_step(function: Callable, device: torch.device) -> Callable:
+    """torch.compile for a training step of fixed shapes. On CUDA in the ``reduce-overhead``
+    mode, which records the step once and replays it as a CUDA graph; each call starts a new
+    step, so the outputs of the last one (the gradients) may be overwritten."""
+    if device.type != "cuda":
+        return torch.compile(function, dynamic=False)
+    graphed = torch.compile(function, mode="reduce-overhead", dynamic=False)
+
+    def replay(*args: torch.Tensor) -> object:
+        torch.compiler.cudagraph_mark_step_begin()
+        return graphed(*args)
+
+    return replay
+
+
 def gradient_step(
     cfg: DictConfig, model: Model
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``step(x, y)``: each replica's squared loss (R,), its gradient left in ``.grad``.
 
     ``backward=analytic`` uses the two-layer net's hand-written gradient (the linearized model
-    has none and takes autograd); ``compile=true`` hands the step to torch.compile, on CUDA in
-    its ``reduce-overhead`` mode, which replays the step as one CUDA graph."""
-    mode = "reduce-overhead" if next(model.parameters()).is_cuda else "default"
-    compiled = (lambda f: torch.compile(f, mode=mode, dynamic=False)) if cfg.compile else None
+    has none and takes autograd); ``compile=true`` hands the step to :func:`compile_step`."""
+    device = next(model.parameters()).device
+    wrap = (lambda f: compile_step(f, device)) if cfg.compile else (lambda f: f)
     if cfg.backward == "analytic" and isinstance(model, TwoLayerNet):
-        gradients = compiled(model.mse_gradients) if compiled else model.mse_gradients
+        gradients = wrap(model.mse_gradients)
 
         def analytic(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             loss, *grads = gradients(x, y)
@@ -199,10 +236,7 @@ def gradient_step(
 
         return analytic
 
-    def squared_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return (model(x) - y).square().mean(dim=1)
-
-    loss_of = compiled(squared_loss) if compiled else squared_loss
+    loss_of = wrap(lambda x, y: (model(x) - y).square().mean(dim=1))
     params = [p for p in model.parameters() if p.requires_grad]
 
     def autograd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -276,12 +310,12 @@ def train(
     interrupted_by = None
     try:
         if cfg.optimizer.name == "ridge":
-            status, metrics, steps_done, step_time = fit_by_ridge(
+            status, metrics, steps_done, steps_per_s = fit_by_ridge(
                 cfg, model, data, test_set, record
             )
         else:
             loop = Loop(cfg, model, data, test_set, record, start, stop_at)
-            status, metrics, steps_done, step_time = loop.run(checkpoint)
+            status, metrics, steps_done, steps_per_s = loop.run(checkpoint)
             interrupted_by = loop.signal
     except KeyboardInterrupt:
         record.write("interrupted", wall_time_s=time.perf_counter() - start)
@@ -296,12 +330,10 @@ def train(
         record.close(None, 0)
         raise
     wall_time = time.perf_counter() - start
-    steps_per_s = 0.0
     if status == "interrupted":
         record.close(None, steps_done)
     else:
         (Path(run_dir) / CHECKPOINT_NAME).unlink(missing_ok=True)  # finished: nothing to resume
-        steps_per_s = steps_done / step_time
         record.log_theory(steps_done, theory)
         record.write(
             status,
@@ -329,7 +361,7 @@ def fit_by_ridge(
     cfg: DictConfig, model: Model, data: Data, test_set: TestSet, record: RunRecord
 ) -> tuple[str, dict[str, torch.Tensor], int, float]:
     """The closed-form output layer on n_train fresh samples, streamed in chunks (one 'step').
-    Returns the status, final metrics, steps done and the seconds the fit took."""
+    Returns the status, final metrics, steps done and the rate: 1 / the seconds the fit took."""
     fit_start = time.perf_counter()
     solution = fit_ridge(
         model.ridge_features,
@@ -351,7 +383,7 @@ def fit_by_ridge(
         ridge={"lambda": solution.penalty.tolist(), "eigen_fallback": solution.fallback},
     )
     status = "ok" if bool(finite.all()) else "diverged"
-    return status, metrics, 1, fit_time
+    return status, metrics, 1, 1 / fit_time
 
 
 class Loop:
@@ -425,8 +457,8 @@ class Loop:
         self.signal = signum  # acted on at the end of the step (after an evaluation in flight)
 
     def run(self, checkpoint: dict | None) -> tuple[str, dict[str, torch.Tensor], int, float]:
-        """Returns the status, final metrics, steps done and the seconds the steps took (set-up,
-        evaluation and logging left out)."""
+        """Returns the status, final metrics, steps done and steps per second of this call's steps
+        (set-up, evaluation and saving left out; 0 when interrupted)."""
         if checkpoint is not None:
             self.restore(checkpoint)
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -450,8 +482,8 @@ class Loop:
             dynamic_ncols=True,
         )
         metrics: dict[str, torch.Tensor] = {}
-        eval_time = 0.0
-        loop_start = time.perf_counter()
+        clock, first_step = Stopwatch(self.data.device), self.step
+        step_time, segment = 0.0, clock.mark()  # the steps' time: evaluation and saving left out
         with progress:
             for step in range(self.step + 1, steps + 1):
                 per_replica = gradient_step(*self.batches.next())  # (R,), grads in .grad
@@ -472,25 +504,26 @@ class Loop:
                     self.signal = signal.SIGTERM
 
                 evaluate = step % eval_every == 0 or step == steps
+                save = self.signal is not None or (step % checkpoint_every == 0 and step != steps)
+                if not (evaluate or save):
+                    continue
+                step_time += clock.since(segment)
                 if evaluate:
-                    eval_start = time.perf_counter()
-                    metrics = self._evaluate(loop_start, eval_time)
+                    metrics = self._evaluate((step - first_step) / max(1e-9, step_time))
                     progress.set_postfix(test_error=f"{float(metrics['test_error'].mean()):.4g}")
-                    eval_time += time.perf_counter() - eval_start
-                if self.signal is not None:
+                if save:
                     self.record.checkpoint(self.state())
+                if self.signal is not None:
                     name = signal.Signals(self.signal).name
                     self.record.write("interrupted", steps_done=step, interrupted_by=name)
-                    return "interrupted", metrics, step, time.perf_counter() - loop_start
-                if step % checkpoint_every == 0 and step != steps:
-                    saving = time.perf_counter()
-                    self.record.checkpoint(self.state())
-                    eval_time += time.perf_counter() - saving  # bookkeeping, not steps
+                    return "interrupted", metrics, step, 0.0
+                segment = clock.mark()
                 if evaluate and self.all_diverged:
                     break
-        return self.status, metrics, self.step, time.perf_counter() - loop_start - eval_time
+        step_time += clock.since(segment)
+        return self.status, metrics, self.step, (self.step - first_step) / max(1e-9, step_time)
 
-    def _evaluate(self, loop_start: float, eval_time: float) -> dict[str, torch.Tensor]:
+    def _evaluate(self, steps_per_s: float) -> dict[str, torch.Tensor]:
         """Test metrics, TensorBoard, the record; marks divergence (NaN or Inf)."""
         metrics = self.test_set.evaluate(self.model, self.loss_sum / self.steps_in_sum)
         self.loss_sum.zero_()
@@ -503,7 +536,7 @@ class Loop:
             best_test_error=[v if v < float("inf") else None for v in self.best.tolist()],
             steps_done=self.step,
             wall_time_s=time.perf_counter() - self.start,
-            steps_per_s=self.step / max(1e-9, time.perf_counter() - loop_start - eval_time),
+            steps_per_s=steps_per_s,
         )
         if not bool(finite.all()):
             self.status = "diverged"

@@ -36,6 +36,7 @@ def test_bench_quick_produces_every_figure(tmp_path):
             "large_fraction_of_peak",
             "ridge_vs_sgd",
             "startup",
+            "compile",
         }
     )
     for name, figure in figures.items():

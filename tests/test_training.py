@@ -154,7 +154,8 @@ def test_analytic_backward_trains_like_autograd(run, model):
     assert analytic.test_error == pytest.approx(reference.test_error, rel=1e-3)
 
 
-def test_compiled_step_trains_like_the_eager_step(run, monkeypatch):
+@pytest.mark.parametrize("backward", ["analytic", "autograd"])
+def test_compiled_step_trains_like_the_eager_step(run, monkeypatch, backward):
     compiled_functions = []
 
     def compile_and_count(function, **options):
@@ -162,10 +163,11 @@ def test_compiled_step_trains_like_the_eager_step(run, monkeypatch):
         return compile_torch(function, **options)
 
     compile_torch = torch.compile
-    eager = run("model=trainable", "steps=10", "eval_every=10")
+    overrides = ["model=trainable", "steps=10", "eval_every=10", f"backward={backward}"]
+    eager = run(*overrides)
     assert not compiled_functions
     monkeypatch.setattr(torch, "compile", compile_and_count)
-    compiled = run("model=trainable", "steps=10", "eval_every=10", "compile=true")
+    compiled = run(*overrides, "compile=true")
     assert len(compiled_functions) == 1
     assert torch.allclose(compiled.model.w, eager.model.w, rtol=1e-4, atol=1e-5)
     assert compiled.test_error == pytest.approx(eager.test_error, rel=1e-3)
