@@ -88,21 +88,21 @@ class TwoLayerNet(nn.Module):
         self.a = nn.Parameter(a_init.to(device))
         self.c = nn.Parameter(torch.zeros(replicas, device=device))
 
-    def _hidden_shared(self, x: torch.Tensor) -> torch.Tensor:
-        """act(<w, x> + b) for x: (n, d) shared by all replicas, as one matmul over all
-        R * width units: (n, R, width), contiguous, so that the backward stays contiguous."""
-        w = self.w.view(-1, self.d).t()
-        pre = x @ w if self.b is None else torch.addmm(self.b.view(-1), x, w)
-        return self.act(pre.view(x.shape[0], self.replicas, self.width))
+    def _pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """<w, x> + b. x: (n, d) shared by all replicas -> (n, R, width), one matmul over all
+        R * width units, contiguous so that the backward stays contiguous; x: (R, n, d) ->
+        (R, n, width)."""
+        if x.dim() == 2:
+            w = self.w.view(-1, self.d).t()
+            pre = x @ w if self.b is None else torch.addmm(self.b.view(-1), x, w)
+            return pre.view(x.shape[0], self.replicas, self.width)
+        pre = torch.bmm(x, self.w.transpose(1, 2))
+        return pre if self.b is None else pre + self.b.unsqueeze(1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Hidden activations act(<w, x> + b). x: (n, d) shared or (R, n, d) -> (R, n, width)."""
-        if x.dim() == 2:
-            return self._hidden_shared(x).transpose(0, 1)
-        pre = torch.bmm(x, self.w.transpose(1, 2))
-        if self.b is not None:
-            pre = pre + self.b.unsqueeze(1)
-        return self.act(pre)
+        hidden = self.act(self._pre_activations(x))
+        return hidden.transpose(0, 1) if x.dim() == 2 else hidden
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (n, d) shared by all replicas, or (R, n, d) -> predictions (R, n)."""
@@ -112,7 +112,7 @@ class TwoLayerNet(nn.Module):
                 self.c.view(-1, 1, 1), h, self.a.unsqueeze(-1), alpha=self.multiplier
             )
             return out.squeeze(-1)
-        h = self._hidden_shared(x)  # (n, R, width)
+        h = self.act(self._pre_activations(x))  # (n, R, width)
         if self.replicas == 1:  # a plain matmul: its backward is a matmul too
             out = torch.addmm(
                 self.c, h.view(x.shape[0], self.width), self.a.t(), alpha=self.multiplier
@@ -132,14 +132,7 @@ class TwoLayerNet(nn.Module):
         grad_w = m a sum_i e act'(pre) x_i and grad_b = m a sum_i e act'(pre)."""
         shared = x.dim() == 2
         n, R = x.shape[-2], self.replicas
-        if shared:
-            w = self.w.view(-1, self.d).t()
-            pre = x @ w if self.b is None else torch.addmm(self.b.view(-1), x, w)
-            pre = pre.view(n, R, self.width)
-        else:
-            pre = torch.bmm(x, self.w.transpose(1, 2))
-            if self.b is not None:
-                pre += self.b.unsqueeze(1)
+        pre = self._pre_activations(x)  # (n, R, width) shared, (R, n, width) per replica
         relu = self.act is torch.relu
         hidden = pre.relu_() if relu else self.act(pre)
         by_replica = hidden.transpose(0, 1) if shared else hidden  # (R, n, width), a view
