@@ -223,7 +223,9 @@ def folder_name(overrides: Any, resume: bool = True) -> str:
     system: a rerun of the same command finds its folder. With ``resume=false`` a timestamp
     is appended, so that a fresh start never writes over an earlier run."""
     if not isinstance(overrides, str):  # hydra.overrides.task: a list of KEY=VALUE strings
-        overrides = ",".join(o for o in overrides if not o.startswith(("resume=", "hydra.")))
+        # the keys that the job folders leave out too (train.yaml: override_dirname)
+        cosmetic = ("aggregate=", "progress=", "resume=", "hydra.")
+        overrides = ",".join(o for o in overrides if not o.startswith(cosmetic))
     name = "".join(c if c.isalnum() or c in "=,.-_+[]" else "_" for c in overrides) or "default"
     if len(name) > 120:
         name = f"{name[:100]}_{hashlib.sha1(name.encode()).hexdigest()[:10]}"

@@ -172,6 +172,9 @@ def test_folders_come_from_the_overrides_and_a_rerun_finds_its_runs(tmp_path):
     sweeps = list((tmp_path / "outputs" / "multirun").iterdir())
     assert len(sweeps) == 1 and len(list(sweeps[0].glob("*/metrics.json"))) == 2
     assert app(*sweep_args, cwd=tmp_path).stdout.count("[skip]") == 2
+    # progress and aggregate change no result: the same sweep folder, nothing trained again
+    assert app(*sweep_args, "progress=false", cwd=tmp_path).stdout.count("[skip]") == 2
+    assert len(list((tmp_path / "outputs" / "multirun").iterdir())) == 1
 
 
 def test_an_output_dir_that_cannot_be_written_is_refused(tmp_path):
