@@ -28,6 +28,11 @@ class RidgeFit:
     fallback: bool
 
 
+def gram_blocks(size: int) -> list[tuple[int, int]]:
+    """The (start, stop) rows of each GRAM_BLOCK-row block of a size x size Gram matrix."""
+    return [(start, min(size, start + GRAM_BLOCK)) for start in range(0, size, GRAM_BLOCK)]
+
+
 class GramAccumulator:
     """Running sums for centred least squares over chunks of (features, targets)."""
 
@@ -47,8 +52,7 @@ class GramAccumulator:
         self.n += y.shape[1]
         # The Gram matrix is symmetric: accumulate its lower block triangle only (about
         # (1 + 1/blocks) / 2 of the flops), and mirror it once in solve().
-        for start in range(0, phi.shape[2], GRAM_BLOCK):
-            stop = min(phi.shape[2], start + GRAM_BLOCK)
+        for start, stop in gram_blocks(phi.shape[2]):
             self.gram[:, start:stop, :stop].baddbmm_(
                 phi[:, :, start:stop].transpose(1, 2), phi[:, :, :stop]
             )
@@ -62,8 +66,7 @@ class GramAccumulator:
         Works in place on the Gram matrix, so that the solve holds two P x P matrices per
         replica (the system and its factor); the accumulator is spent afterwards."""
         n = self.n
-        for start in range(GRAM_BLOCK, self.gram.shape[-1], GRAM_BLOCK):
-            stop = min(self.gram.shape[-1], start + GRAM_BLOCK)
+        for start, stop in gram_blocks(self.gram.shape[-1]):
             self.gram[:, :start, start:stop] = self.gram[:, start:stop, :start].transpose(1, 2)
         mu = self.phi_sum / n  # (R, P)
         y_mean = self.y_sum / n
