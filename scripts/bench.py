@@ -188,6 +188,7 @@ def ridge_vs_sgd(ours: Trainer, quick: bool) -> dict:
         "ridge_s": ridge_s,
         "sgd_best_lr": best_lr,
         "sgd_steps_to_goal": first.get(best_lr, steps),
+        "sgd_steps_to_goal_by_lr": {str(lr): first.get(lr) for lr in SGD_RATES},
         "sgd_s": sgd_s,
         "sgd_errors_at_budget": sgd.metrics["test_error"].tolist(),
         "lower_bound": not first,
