@@ -136,8 +136,12 @@ class TwoLayerNet(nn.Module):
         relu = self.act is torch.relu
         hidden = pre.relu_() if relu else self.act(pre)
         by_replica = hidden.transpose(0, 1) if shared else hidden  # (R, n, width), a view
+        # f as a row per replica, a (1, width) @ act^T (width, n): the fast layout for BLAS here
         out = torch.baddbmm(
-            self.c.view(-1, 1, 1), by_replica, self.a.unsqueeze(-1), alpha=self.multiplier
+            self.c.view(-1, 1, 1),
+            self.a.unsqueeze(1),
+            by_replica.transpose(1, 2),
+            alpha=self.multiplier,
         )
         residual = out.view(R, n) - y
         loss = residual.square().mean(dim=1)
