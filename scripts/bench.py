@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             replicas
             * ours.steps_per_s(32, 256, 128, steps, f"replicas={replicas}", "optimizer.lr=0.01")
         ),
-        max(1, repeats // 2),
+        repeats,
     )
 
     d, width, batch = (64, 1024, 256) if quick else (256, 4096, 1024)
