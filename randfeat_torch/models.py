@@ -130,39 +130,39 @@ class TwoLayerNet(nn.Module):
         The backward of the two layers is written out so that it runs in place where autograd
         would allocate anew: with e = 2 (f - y) / n, grad_c = sum_i e, grad_a = m sum_i e act(pre),
         grad_w = m a sum_i e act'(pre) x_i and grad_b = m a sum_i e act'(pre)."""
+        # Units by samples, (R, width, n): the layout in which BLAS runs these matmuls fastest
+        # (n is the short side), and every replica's block is contiguous.
         shared = x.dim() == 2
         n, R = x.shape[-2], self.replicas
-        pre = self._pre_activations(x)  # (n, R, width) shared, (R, n, width) per replica
+        # The bias is added after the matmul: addmm would broadcast it first, slowly.
+        if shared:
+            pre = (self.w.view(-1, self.d) @ x.t()).view(R, self.width, n)
+        else:
+            pre = torch.bmm(self.w, x.transpose(1, 2))
+        if self.b is not None:
+            pre += self.b.unsqueeze(-1)
         relu = self.act is torch.relu
         hidden = pre.relu_() if relu else self.act(pre)
-        by_replica = hidden.transpose(0, 1) if shared else hidden  # (R, n, width), a view
-        # f as a row per replica, a (1, width) @ act^T (width, n): the fast layout for BLAS here
-        out = torch.baddbmm(
-            self.c.view(-1, 1, 1),
-            self.a.unsqueeze(1),
-            by_replica.transpose(1, 2),
-            alpha=self.multiplier,
+        out = torch.baddbmm(  # f: (R, 1, n) = c + m a (1, width) @ act (width, n)
+            self.c.view(-1, 1, 1), self.a.unsqueeze(1), hidden, alpha=self.multiplier
         )
         residual = out.view(R, n) - y
         loss = residual.square().mean(dim=1)
         e = residual.mul_(2.0 / n)  # d loss / d f: (R, n)
         grad_c = e.sum(dim=1)
-        grad_a = torch.bmm(e.unsqueeze(1), by_replica).view(R, self.width).mul_(self.multiplier)
+        grad_a = torch.bmm(hidden, e.unsqueeze(-1)).view(R, self.width).mul_(self.multiplier)
         if self.frozen:
             return loss, grad_c, grad_a, None, None
-        # e_i act'(pre_ij), in the activations' buffer (for ReLU act' = sign(act)); the factor
+        # act'(pre_ji) e_i, in the activations' buffer (for ReLU act' = sign(act)); the factor
         # m a_j of the gradient at unit j is applied after the sums over i, to (width, d) only.
-        slope = hidden.sign_() if relu else self.act_derivative(pre)
-        (slope.transpose(0, 1) if shared else slope).mul_(e.unsqueeze(-1))
+        slope = (hidden.sign_() if relu else self.act_derivative(pre)).mul_(e.unsqueeze(1))
         scale = self.a * self.multiplier  # (R, width)
         if shared:
-            flat = slope.view(n, -1)
-            grad_w = (flat.t() @ x).view_as(self.w)
-            grad_b = None if self.b is None else flat.sum(dim=0).view_as(self.b).mul_(scale)
+            grad_w = (slope.view(-1, n) @ x).view_as(self.w)
         else:
-            grad_w = torch.bmm(slope.transpose(1, 2), x)
-            grad_b = None if self.b is None else slope.sum(dim=1).mul_(scale)
+            grad_w = torch.bmm(slope, x)
         grad_w.mul_(scale.unsqueeze(-1))
+        grad_b = None if self.b is None else slope.sum(dim=-1).mul_(scale)
         return loss, grad_c, grad_a, grad_w, grad_b
 
     def set_gradients(self, grads: tuple[torch.Tensor | None, ...]) -> None:
