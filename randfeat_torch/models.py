@@ -157,10 +157,7 @@ class TwoLayerNet(nn.Module):
         # m a_j of the gradient at unit j is applied after the sums over i, to (width, d) only.
         slope = (hidden.sign_() if relu else self.act_derivative(pre)).mul_(e.unsqueeze(1))
         scale = self.a * self.multiplier  # (R, width)
-        if shared:
-            grad_w = (slope.view(-1, n) @ x).view_as(self.w)
-        else:
-            grad_w = torch.bmm(slope, x)
+        grad_w = (slope.view(-1, n) @ x).view_as(self.w) if shared else torch.bmm(slope, x)
         grad_w.mul_(scale.unsqueeze(-1))
         grad_b = None if self.b is None else slope.sum(dim=-1).mul_(scale)
         return loss, grad_c, grad_a, grad_w, grad_b
