@@ -218,9 +218,10 @@ def compile_step(function: Callable, device: torch.device) -> Callable:
 
 
 def gradient_step(
-    cfg: DictConfig, model: Model
+    cfg: DictConfig, model: Model, params: list[torch.Tensor]
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``step(x, y)``: each replica's squared loss (R,), its gradient left in ``.grad``.
+    """``step(x, y)``: each replica's squared loss (R,), its gradient left in ``.grad`` of the
+    trained ``params``.
 
     ``backward=analytic`` uses the two-layer net's hand-written gradient (the linearized model
     has none and takes autograd); ``compile=true`` hands the step to :func:`compile_step`."""
@@ -237,7 +238,6 @@ def gradient_step(
         return analytic
 
     loss_of = wrap(lambda x, y: (model(x) - y).square().mean(dim=1))
-    params = [p for p in model.parameters() if p.requires_grad]
 
     def autograd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         for p in params:
@@ -412,7 +412,7 @@ class Loop:
         self.batches = Batches(cfg, data)
         self.optimizer, self.scheduler = build_optimizer(cfg.optimizer, model, cfg.steps)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self.gradient_step = gradient_step(cfg, model)
+        self.gradient_step = gradient_step(cfg, model, self.params)
         rounding = make_generator(data.device, cfg.seed, ROUNDING_STREAM)
         self.precision = GradientPrecision(cfg.optimizer, rounding)
         lr = cfg.optimizer.lr
