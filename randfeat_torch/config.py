@@ -32,6 +32,7 @@ BACKWARDS = ("analytic", "autograd")
 INPUTS = ("gaussian", "sphere", "hypercube")
 TARGETS = ("relu_neuron", "polynomial", "zigzag", "parity")
 OPTIMIZERS = ("sgd", "adam", "ridge")
+RELU_SUM_TARGETS = ("relu_neuron", "zigzag")  # targets whose Gaussian moments theory has exactly
 RIDGE_MEMORY_FRACTION = 0.5  # of the free memory that the ridge Gram matrices may take
 
 
@@ -155,6 +156,7 @@ class RidgeConfig:
     name: str = "ridge"
     penalty: float = 1e-8
     chunk_size: int | None = None
+    population: bool = False  # fit the exact population moments (no samples); see theory
 
 
 @dataclass
@@ -468,9 +470,14 @@ def _validate_ridge(cfg: DictConfig) -> None:
             "fits only a model that is linear in its trained parameters: model=frozen or "
             "model=linearized, not model=trainable",
         )
-    if cfg.n_train is None:
+    if cfg.optimizer.population:
+        _validate_population(cfg)
+    elif cfg.n_train is None:
         raise ConfigError(
-            "n_train", None, "optimizer=ridge needs a finite training set: set n_train=N"
+            "n_train",
+            None,
+            "optimizer=ridge needs a finite training set: set n_train=N, or fit the exact "
+            "population with optimizer.population=true",
         )
     _positive(cfg, "optimizer.penalty", allow_zero=True)
     if cfg.optimizer.chunk_size is not None:
@@ -485,6 +492,32 @@ def _validate_ridge(cfg: DictConfig) -> None:
             f"ridge on {features} features x {cfg.replicas} replicas needs about "
             f"{need / 2**30:.1f} GiB for its float64 Gram matrices, more than half of the "
             f"{free / 2**30:.1f} GiB free here; use a smaller width, d or replicas",
+        )
+
+
+def _validate_population(cfg: DictConfig) -> None:
+    """optimizer.population=true needs what theory has in closed form: ReLU random features
+    (a frozen net) on a ReLU neuron or a zigzag, under Gaussian inputs, and no training set."""
+    needs = {
+        "model.regime": ("frozen",),
+        "model.activation": ("relu",),
+        "input.name": ("gaussian",),
+        "target.name": RELU_SUM_TARGETS,
+    }
+    for key, allowed in needs.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(
+                key,
+                value,
+                "optimizer.population=true fits the exact Gaussian moments of ReLU random "
+                f"features, which hold only for {key}={' or '.join(allowed)}",
+            )
+    if cfg.n_train is not None:
+        raise ConfigError(
+            "n_train",
+            cfg.n_train,
+            "optimizer.population=true draws no training samples: leave n_train unset (null)",
         )
 
 

@@ -62,28 +62,50 @@ class GramAccumulator:
         self.y_sq += y.square().sum(dim=1)
 
     def solve(self, relative_penalty: float) -> RidgeFit:
-        """Centre, add lambda = relative_penalty * trace(C) / P, and solve (C + lambda) beta = q.
-        Works in place on the Gram matrix, so that the solve holds two P x P matrices per
-        replica (the system and its factor); the accumulator is spent afterwards."""
+        """Centre, add lambda and solve (see :func:`solve_centred`). Works in place on the Gram
+        matrix, so that the solve holds two P x P matrices per replica (the system and its
+        factor); the accumulator is spent afterwards."""
         n = self.n
-        for start, stop in gram_blocks(self.gram.shape[-1]):
-            self.gram[:, :start, start:stop] = self.gram[:, start:stop, :start].transpose(1, 2)
+        mirror_lower(self.gram)
         mu = self.phi_sum / n  # (R, P)
         y_mean = self.y_sum / n
-        system = self.gram.div_(n).baddbmm_(mu.unsqueeze(2), mu.unsqueeze(1), alpha=-1)  # Cov phi
+        cov = self.gram.div_(n).baddbmm_(mu.unsqueeze(2), mu.unsqueeze(1), alpha=-1)  # Cov phi
         q = self.phi_y / n - mu * y_mean.unsqueeze(-1)  # Cov(phi, y)
         y_var = self.y_sq / n - y_mean.square()
-        diagonal = system.diagonal(dim1=1, dim2=2)
-        penalty = relative_penalty * diagonal.sum(-1) / system.shape[-1]
-        diagonal.add_(penalty.unsqueeze(-1))
-        beta, fallback = solve_psd(system, q)
-        # Training MSE = Var y - 2 <beta, q> + beta^T C beta, with C = system - lambda I.
-        quadratic = torch.einsum("rp,rpq,rq->r", beta, system, beta) - penalty * beta.square().sum(
-            -1
-        )
-        train_mse = y_var - 2 * (beta * q).sum(-1) + quadratic
-        c = y_mean - (mu * beta).sum(-1)
-        return RidgeFit(beta, c, train_mse.clamp_min(0), penalty, fallback)
+        return solve_centred(cov, q, mu, y_mean, y_var, relative_penalty)
+
+
+def mirror_lower(gram: torch.Tensor) -> torch.Tensor:
+    """Copy the lower triangle of (R, P, P) Gram matrices onto the upper, in place, block by
+    block, so that they are exactly symmetric."""
+    for start, stop in gram_blocks(gram.shape[-1]):
+        gram[:, :start, start:stop] = gram[:, start:stop, :start].transpose(1, 2)
+        block = gram[:, start:stop, start:stop]
+        block.copy_(block.tril() + block.tril(-1).transpose(1, 2))
+    return gram
+
+
+def solve_centred(
+    cov: torch.Tensor,
+    q: torch.Tensor,
+    mu: torch.Tensor,
+    y_mean: torch.Tensor,
+    y_var: torch.Tensor,
+    relative_penalty: float,
+) -> RidgeFit:
+    """Ridge from centred moments, of a sample or of the population: cov = Cov(phi): (R, P, P)
+    (overwritten), q = Cov(phi, y): (R, P), mu = E phi: (R, P), y_mean and y_var: (R,) or ().
+    Adds lambda = relative_penalty * trace(cov) / P and solves (cov + lambda) beta = q; c makes
+    the mean right. The returned MSE is Var y - 2 <beta, q> + beta^T cov beta, on the same
+    distribution as the moments."""
+    diagonal = cov.diagonal(dim1=1, dim2=2)
+    penalty = relative_penalty * diagonal.sum(-1) / cov.shape[-1]
+    diagonal.add_(penalty.unsqueeze(-1))
+    beta, fallback = solve_psd(cov, q)
+    quadratic = torch.einsum("rp,rpq,rq->r", beta, cov, beta) - penalty * beta.square().sum(-1)
+    mse = y_var - 2 * (beta * q).sum(-1) + quadratic
+    c = y_mean - (mu * beta).sum(-1)
+    return RidgeFit(beta, c, mse.clamp_min(0), penalty, fallback)
 
 
 def solve_psd(system: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, bool]:

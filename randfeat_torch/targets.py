@@ -184,6 +184,14 @@ class Zigzag(Target):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return zigzag(x @ self.w, self.a)
 
+    def relu_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """psi_a(z) + 1 as sum_l coef_l relu(z + shift_l), a + 1 terms (see :func:`zigzag`):
+        (coef, shift), float64."""
+        i = torch.arange(self.a + 1, dtype=torch.float64)
+        coef = 2.0 * (-1.0) ** i
+        coef[0], coef[-1] = 1.0, -1.0
+        return coef, self.a - 2.0 * i
+
 
 class Parity(Target):
     """f(x) = prod_{i in S} x_i for a random set S of k coordinates; mean 0 and variance 1

@@ -5,8 +5,12 @@
   1D function by quadrature against the Gaussian density.
 - ``residual_errors``: the normalised error of the best polynomial of each degree, from the
   energy per Hermite degree.
-- ``relu_rf_population_error``: the exact population error of the best output layer on
-  bias-free ReLU random features, for a bias-free ReLU neuron.
+- ``bivariate_normal_cdf`` and ``relu_product_mean``: E[relu(U) relu(V)] for jointly Gaussian
+  U, V with any means, in closed form up to the bivariate normal CDF (Genz's method).
+- ``relu_population_moments``: the exact mean, covariance and target covariance of ReLU random
+  features (with or without hidden biases) for a ReLU neuron or a zigzag: the population
+  Gram matrix, with no samples. ``relu_rf_population_error``: the exact population error of
+  the best output layer from them; ``optimizer.population=true`` fits that output layer.
 - ``reference_errors``: the numbers of a run's ``theory`` section, where they apply.
 
 Hermite coefficients are taken in the orthonormal basis h_k = He_k / sqrt(k!) (as in
@@ -18,17 +22,148 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import numpy
 import torch
 from omegaconf import DictConfig
 
 from randfeat_torch.models import LinearizedNet, TwoLayerNet
-from randfeat_torch.ridge import solve_psd
+from randfeat_torch.ridge import gram_blocks, mirror_lower, solve_psd
 from randfeat_torch.targets import HermitePolynomial, Parity, ReluNeuron, Target, Zigzag, zigzag
 
 REPORTED_DEGREES = 4  # best_degree_1 .. best_degree_L, L = max(this, the target's own degree)
 
 INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+# Gauss-Legendre points for the bivariate normal CDF by |rho| band (Genz 2004): 6 below 0.3,
+# 12 below 0.75, 20 below 0.925, and 20 on the near-singular branch above.
+CORRELATION_BANDS = ((0.3, 6), (0.75, 12), (0.925, 20))
+HIGH_CORRELATION_POINTS = 20
+_LEGENDRE = {n: numpy.polynomial.legendre.leggauss(n) for n in (6, 12, 20)}
+POPULATION_MAX_ENTRIES = 2**26  # replicas * width^2 above which theory skips the RF Gram matrix
+POPULATION_BLOCK = 256  # rows of the population Gram matrix computed at once
+
+
+def normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * torch.erfc(-x / math.sqrt(2.0))
+
+
+def normal_pdf(x: torch.Tensor) -> torch.Tensor:
+    return INV_SQRT_2PI * torch.exp(-0.5 * x * x)
+
+
+def _legendre(hi: torch.Tensor, points: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Gauss-Legendre nodes and weights on [0, hi], elementwise: [(node, weight)]."""
+    half = 0.5 * hi
+    nodes, weights = _LEGENDRE[points]
+    return [(half * (1.0 + float(x)), half * float(w)) for x, w in zip(nodes, weights, strict=True)]
+
+
+def _bivariate_cdf_moderate(
+    h: torch.Tensor, k: torch.Tensor, rho: torch.Tensor, points: int
+) -> torch.Tensor:
+    """|rho| < 0.925: Phi(h) Phi(k) + (1/2 pi) int_0^asin(rho) exp(-(h^2 + k^2 -
+    2 h k sin t) / (2 cos^2 t)) dt (Drezner and Wesolowsky's form of d Phi2 / d rho)."""
+    total = torch.zeros_like(h)
+    half_sq, hk = 0.5 * (h * h + k * k), h * k
+    for theta, weight in _legendre(torch.asin(rho), points):
+        sin = torch.sin(theta)
+        total += weight * torch.exp((hk * sin - half_sq) / (1.0 - sin * sin))
+    return normal_cdf(h) * normal_cdf(k) + total / (2.0 * math.pi)
+
+
+def _bivariate_cdf_high(h: torch.Tensor, k: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+    """rho >= HIGH_CORRELATION: Phi(min(h, k)) - int_rho^1 (density at (h, k)) drho'. With
+    x = sqrt(1 - rho'^2) the integrand is exp(-b^2 / 2x^2) g(x) / 2 pi, b = |h - k|, and
+    g(x) = exp(-hk / (1 + sqrt(1 - x^2))) / sqrt(1 - x^2) = exp(-hk/2) (1 + c x^2 + c d x^4 +
+    O(x^6)), c = (4 - hk)/8, d = (12 - hk)/16 (Genz 2004). The series part is integrated in
+    closed form, M_n = int_0^a x^2n exp(-b^2 / 2x^2) dx, M_0 = a E - b sqrt(2 pi) Phi(-b/a),
+    M_n = (a^(2n+1) E - b^2 M_(n-1)) / (2n + 1), E = exp(-b^2 / 2a^2); the smooth O(x^6)
+    rest by Gauss-Legendre. Every exponential carries exp(-hk/2) inside it, so none overflows."""
+    a = torch.sqrt((1.0 - rho) * (1.0 + rho)).clamp_min(1e-150)
+    hk, b2 = h * k, (h - k).square()
+    b = torch.sqrt(b2)
+    c, d = (4.0 - hk) / 8.0, (12.0 - hk) / 16.0
+    edge = torch.exp(-0.5 * b2 / (a * a) - 0.5 * hk)
+    tail = torch.exp(torch.special.log_ndtr(-b / a) - 0.5 * hk)
+    m0 = a * edge - b * math.sqrt(2.0 * math.pi) * tail
+    m1 = (a**3 * edge - b2 * m0) / 3.0
+    m2 = (a**5 * edge - b2 * m1) / 5.0
+    total = m0 + c * (m1 + d * m2)
+    for x, weight in _legendre(a, HIGH_CORRELATION_POINTS):
+        xs = x * x
+        t = torch.sqrt(1.0 - xs)
+        exact = torch.exp(-0.5 * b2 / xs - hk / (1.0 + t)) / t
+        series = torch.exp(-0.5 * b2 / xs - 0.5 * hk) * (1.0 + c * xs * (1.0 + d * xs))
+        total += weight * (exact - series)
+    return normal_cdf(torch.minimum(h, k)) - total / (2.0 * math.pi)
+
+
+def bivariate_normal_cdf(h: torch.Tensor, k: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+    """P(X <= h, Y <= k) for standard normal X, Y of correlation rho, elementwise, float64.
+
+    Genz's method (Statistics and Computing 14, 2004): Gauss-Legendre on the
+    Drezner-Wesolowsky integral for |rho| < 0.925 (CORRELATION_BANDS), and on the rest of a
+    series that takes out the singularity at |rho| = 1 above, where rho < 0 uses
+    P(X <= h, Y <= k; rho) = Phi(h) - P(X <= h, Y <= -k; -rho). Exact at rho = +-1.
+    Accurate to about 1e-15 against P(0, 0; rho) = 1/4 + asin(rho) / 2 pi and against 1D
+    quadrature (tests/test_theory.py).
+    """
+    h, k, rho = (t.to(torch.float64) for t in torch.broadcast_tensors(h, k, rho))
+    rho = rho.clamp(-1.0, 1.0)
+    # Every entry by the cheapest band first (most at d >> 1), then the others redone.
+    (_, points), *bands = CORRELATION_BANDS
+    out = _bivariate_cdf_moderate(h, k, rho, points)
+    size = rho.abs()
+    below = CORRELATION_BANDS[0][0]
+    for above, points in bands:
+        band = (size >= below) & (size < above)
+        out[band] = _bivariate_cdf_moderate(h[band], k[band], rho[band], points)
+        below = above
+    high = size >= below
+    hh, kh, rh = h[high], k[high], rho[high]
+    negative = rh < 0
+    flipped = _bivariate_cdf_high(hh, torch.where(negative, -kh, kh), rh.abs())
+    out[high] = torch.where(negative, normal_cdf(hh) - flipped, flipped)
+    return out.clamp(0.0, 1.0)
+
+
+def relu_mean(norm: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """E relu(norm z + bias), z ~ N(0, 1): norm (t Phi(t) + phi(t)), t = bias / norm."""
+    t = bias / norm
+    return norm * (t * normal_cdf(t) + normal_pdf(t))
+
+
+def relu_square_mean(norm: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """E relu(norm z + bias)^2 = norm^2 ((t^2 + 1) Phi(t) + t phi(t)), t = bias / norm."""
+    t = bias / norm
+    return norm.square() * ((t * t + 1.0) * normal_cdf(t) + t * normal_pdf(t))
+
+
+def relu_product_mean(
+    norm1: torch.Tensor,
+    bias1: torch.Tensor,
+    norm2: torch.Tensor,
+    bias2: torch.Tensor,
+    rho: torch.Tensor,
+) -> torch.Tensor:
+    """E[relu(norm1 X + bias1) relu(norm2 Y + bias2)], X, Y standard normal of correlation rho,
+    elementwise, float64. With s = sqrt(1 - rho^2) and t_i = bias_i / norm_i it is
+    norm1 norm2 ((t1 t2 + rho) Phi2(t1, t2; rho) + t1 phi(t2) Phi((t1 - rho t2) / s)
+    + t2 phi(t1) Phi((t2 - rho t1) / s) + s exp(-(t1^2 - 2 rho t1 t2 + t2^2) / 2 s^2) / 2 pi),
+    from E[X 1{X <= t1, Y <= t2}] and E[XY 1{X <= t1, Y <= t2}] of the truncated bivariate
+    normal; at rho = 0 it is the product of the two means, at rho = 1 and zero biases the
+    arc-cosine kernel's norm1 norm2 / 2."""
+    rho = rho.clamp(-1.0, 1.0)
+    t1, t2 = bias1 / norm1, bias2 / norm2
+    s = torch.sqrt((1.0 - rho) * (1.0 + rho)).clamp_min(1e-150)
+    value = (
+        (t1 * t2 + rho) * bivariate_normal_cdf(t1, t2, rho)
+        + t1 * normal_pdf(t2) * normal_cdf((t1 - rho * t2) / s)
+        + t2 * normal_pdf(t1) * normal_cdf((t2 - rho * t1) / s)
+        + s / (2.0 * math.pi) * torch.exp(-(t1 * t1 - 2.0 * rho * t1 * t2 + t2 * t2) / (2 * s * s))
+    )
+    return norm1 * norm2 * value
 
 
 def _hermite_sums(x: torch.Tensor, weights: torch.Tensor, degree: int) -> torch.Tensor:
@@ -147,39 +282,114 @@ def residual_errors(
     return ((variance - explained) / variance).clamp_min(0.0).tolist()
 
 
-def _relu_kernel_unit(cos: torch.Tensor) -> torch.Tensor:
-    """E[relu(u.x) relu(v.x)] for unit u, v with u.v = cos: (sin t + (pi - t) cos t) / 2 pi."""
-    cos = cos.clamp(-1.0, 1.0)
-    sin = torch.sqrt((1.0 - cos) * (1.0 + cos))
-    return (sin + (math.pi - torch.acos(cos)) * cos) / (2.0 * math.pi)
+@dataclass
+class ReluSum:
+    """A target f(x) = constant + sum_l coef_l relu(<direction, x> + shift_l), with its exact
+    mean and variance under x ~ N(0, I_d) (the constant enters only the mean)."""
+
+    direction: torch.Tensor
+    coef: torch.Tensor
+    shift: torch.Tensor
+    mean: float
+    variance: float
 
 
-def relu_rf_population_error(w: torch.Tensor, w_star: torch.Tensor) -> torch.Tensor:
-    """Exact normalised population error of random features relu(<w_j, x>) (no hidden bias)
-    plus a constant, with the best output layer, on f(x) = relu(<w*, x>), x ~ N(0, I_d).
+def relu_neuron_sum(w_star: torch.Tensor, bias: float = 0.0) -> ReluSum:
+    """The ReLU neuron relu(<w*, x> + bias) as a :class:`ReluSum` of one term."""
+    norm = w_star.to(torch.float64).norm().reshape(1)
+    shift = torch.full((1,), float(bias), dtype=torch.float64)
+    mean = relu_mean(norm, shift)
+    variance = relu_square_mean(norm, shift) - mean.square()
+    return ReluSum(w_star, torch.ones(1, dtype=torch.float64), shift, float(mean), float(variance))
 
-    w: (R, width, d) first layers of R replicas, w_star: (d,) -> (R,) float64 in [0, 1]:
-    min_{a, c} E[(f - a.phi - c)^2] / Var f = (Var f - q^T C^+ q) / Var f, with C = Cov(phi)
-    and q = Cov(phi, f) from the arc-cosine kernel (C^+ as in :func:`ridge.solve_psd`).
-    ReLU is positively homogeneous, so rescaling a feature leaves its span unchanged: rows and
-    w* are normalised to unit length (E relu = 1/sqrt(2 pi), Var f = 1/2 - 1/(2 pi)), which
-    also keeps C well scaled.
-    """
-    if w.dim() != 3 or w_star.shape != (w.shape[-1],):
-        raise ValueError(
-            f"need w (R, width, d) and w_star (d,), got {tuple(w.shape)}, {tuple(w_star.shape)}"
-        )
-    w, w_star = w.to(torch.float64), w_star.to(w.device, torch.float64)
-    norms = w.norm(dim=-1, keepdim=True)
-    if not (bool((norms > 0).all()) and float(w_star.norm()) > 0):
-        raise ValueError("every row of w and w_star must be nonzero")
-    u, u_star = w / norms, w_star / w_star.norm()
-    mean_sq = 1.0 / (2.0 * math.pi)  # (E relu(u.x))^2 = E relu(u.x) E f for unit vectors
-    cov = _relu_kernel_unit(u @ u.transpose(1, 2)) - mean_sq
-    cross = _relu_kernel_unit(u @ u_star) - mean_sq
-    variance = 0.5 - mean_sq
-    explained = (cross * solve_psd(cov, cross)[0]).sum(-1)
-    return ((variance - explained) / variance).clamp(0.0, 1.0)
+
+def relu_sum(target: Target) -> ReluSum | None:
+    """A ReLU neuron or a zigzag as a :class:`ReluSum`; None for any other target."""
+    if isinstance(target, ReluNeuron):
+        return relu_neuron_sum(target.w, target.bias)
+    if isinstance(target, Zigzag):
+        coef, shift = target.relu_terms()
+        mean, variance = moments_1d(lambda z: zigzag(target.norm * z, target.a))
+        return ReluSum(target.w, coef, shift, mean, variance)
+    return None
+
+
+@dataclass
+class PopulationMoments:
+    """Exact moments of features phi_j = relu(<w_j, x> + b_j) and a target f under
+    x ~ N(0, I_d), float64: mean = E phi: (R, P), cov = Cov(phi): (R, P, P) and
+    cross = Cov(phi, f): (R, P)."""
+
+    mean: torch.Tensor
+    cov: torch.Tensor
+    cross: torch.Tensor
+
+
+def relu_population_moments(
+    w: torch.Tensor, b: torch.Tensor | None, target: ReluSum
+) -> PopulationMoments:
+    """The exact population moments of ReLU random features with first layers w: (R, P, d) and
+    hidden biases b: (R, P) or None, against a sum-of-ReLUs target.
+
+    <w_j, x> + b_j ~ N(b_j, |w_j|^2) with correlation <w_i, w_j> / |w_i| |w_j| between units,
+    so every entry is a :func:`relu_product_mean`. The Gram matrix is filled one block of rows
+    at a time, below the diagonal only, and mirrored; its diagonal is E relu^2 exactly. Costs
+    about R P^2 / 2 bivariate normal CDFs (0.5 s at P = 2048, 2 cores) and no samples."""
+    direction, coef, shift = target.direction, target.coef, target.shift
+    if w.dim() != 3 or direction.shape != (w.shape[-1],):
+        raise ValueError(f"need w (R, width, d) and w* ({w.shape[-1]},), got {tuple(w.shape)}")
+    w = w.detach().to(torch.float64)
+    norm = w.norm(dim=-1)  # (R, P)
+    if not bool((norm > 0).all()):
+        raise ValueError("every row of w must be nonzero")
+    unit = w / norm.unsqueeze(-1)
+    bias = torch.zeros_like(norm) if b is None else b.detach().to(torch.float64)
+    mean = relu_mean(norm, bias)
+    cov = torch.empty(*norm.shape, norm.shape[-1], dtype=torch.float64, device=w.device)
+    for start, stop in gram_blocks(norm.shape[-1]):
+        rows = slice(start, stop)
+        rho = unit[:, rows] @ unit[:, :stop].transpose(1, 2)
+        rho[:, :, rows].diagonal(dim1=1, dim2=2).zero_()  # the diagonal is set exactly below
+        row_units = (norm[:, rows, None], bias[:, rows, None])
+        product = relu_product_mean(*row_units, norm[:, None, :stop], bias[:, None, :stop], rho)
+        cov[:, rows, :stop] = product - mean[:, rows, None] * mean[:, None, :stop]
+    mirror_lower(cov)
+    cov.diagonal(dim1=1, dim2=2).copy_(relu_square_mean(norm, bias) - mean.square())
+
+    direction = direction.to(w.device, torch.float64)
+    target_norm = direction.norm().expand(1)
+    rho = (unit @ (direction / target_norm)).unsqueeze(-1)  # (R, P, 1)
+    coef, shift = coef.to(w.device), shift.to(w.device)
+    cross = torch.zeros_like(mean)
+    for start in range(0, coef.numel(), POPULATION_BLOCK):
+        c, t = coef[start : start + POPULATION_BLOCK], shift[start : start + POPULATION_BLOCK]
+        product = relu_product_mean(norm.unsqueeze(-1), bias.unsqueeze(-1), target_norm, t, rho)
+        cross += (product - mean.unsqueeze(-1) * relu_mean(target_norm, t)) @ c
+    return PopulationMoments(mean, cov, cross)
+
+
+def relu_rf_population_error(
+    w: torch.Tensor, b: torch.Tensor | None, target: ReluSum
+) -> torch.Tensor:
+    """Exact normalised population error of the best output layer (and constant) on ReLU random
+    features relu(<w_j, x> + b_j) for a sum-of-ReLUs target under x ~ N(0, I_d): (R,) in [0, 1].
+    min_{a, c} E[(f - a.phi - c)^2] / Var f = (Var f - q^T C^+ q) / Var f, with C = Cov(phi),
+    q = Cov(phi, f) from :func:`relu_population_moments` (C^+ as in :func:`ridge.solve_psd`)."""
+    moments = relu_population_moments(w, b, target)
+    explained = (moments.cross * solve_psd(moments.cov, moments.cross)[0]).sum(-1)
+    return ((target.variance - explained) / target.variance).clamp(0.0, 1.0)
+
+
+def population_moments_apply(cfg: DictConfig, target: Target, model: object) -> bool:
+    """Whether the exact population moments hold for this run: ReLU random features (a frozen
+    two-layer net) on a sum-of-ReLUs target, under Gaussian inputs."""
+    return (
+        cfg.input.name == "gaussian"
+        and isinstance(target, ReluNeuron | Zigzag)
+        and isinstance(model, TwoLayerNet)
+        and model.frozen
+        and cfg.model.activation == "relu"
+    )
 
 
 def degree_energies(target: Target, max_degree: int) -> tuple[torch.Tensor, float] | None:
@@ -213,9 +423,11 @@ def reference_errors(
 ) -> dict[str, float | list[float]]:
     """What theory predicts for this run, normalised by the target's population variance:
     ``best_constant`` (1.0), ``best_degree_l`` (the best polynomial of degree <= l) and, for
-    bias-free ReLU random features on a bias-free ReLU neuron, ``rf_population_error`` (the
-    exact population error of the best output layer for this draw of features; a list over
-    replicas when R > 1). Empty where the target's closed forms do not hold for the inputs."""
+    ReLU random features on a ReLU neuron or a zigzag under Gaussian inputs, with or without
+    biases, ``rf_population_error`` (the exact population error of the best output layer for
+    this draw of features; a list over replicas when R > 1; left out above
+    POPULATION_MAX_ENTRIES = replicas * width^2). Empty where the target's closed forms do
+    not hold for the inputs."""
     if cfg.input.name not in target.exact_under:
         return {}
     top = max(REPORTED_DEGREES, getattr(target, "degree", 0), getattr(target, "k", 0))
@@ -227,14 +439,9 @@ def reference_errors(
         for degree, error in enumerate(residual_errors(*known, top))
     }
     if (
-        isinstance(target, ReluNeuron)
-        and target.bias == 0
-        and cfg.input.name == "gaussian"
-        and isinstance(model, TwoLayerNet)
-        and model.frozen
-        and model.b is None
-        and cfg.model.activation == "relu"
+        population_moments_apply(cfg, target, model)
+        and cfg.replicas * cfg.width**2 <= POPULATION_MAX_ENTRIES
     ):
-        exact = relu_rf_population_error(model.w.detach(), target.w).tolist()
+        exact = relu_rf_population_error(model.w, model.b, relu_sum(target)).tolist()
         errors["rf_population_error"] = exact[0] if len(exact) == 1 else exact
     return errors

@@ -6,7 +6,8 @@ once from the target's seed, and the host reads device values only at evaluation
 The loss is the mean squared error, summed over replicas (so each replica gets exactly the
 gradient of its own loss); the error reported everywhere is the normalised test error,
 test MSE / variance of the test targets (1.0 = predicting the mean).
-``optimizer=ridge`` replaces the loop by the closed-form fit of :mod:`randfeat_torch.ridge`.
+``optimizer=ridge`` replaces the loop by the closed-form fit of :mod:`randfeat_torch.ridge`
+(with ``optimizer.population``: on the exact moments of :mod:`randfeat_torch.theory`).
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from randfeat_torch.config import ConfigError, ridge_feature_count, validate
 from randfeat_torch.models import LinearizedNet, TwoLayerNet, build_model
 from randfeat_torch.optim import GradientPrecision, PerReplicaRates, base_lr, build_optimizer
 from randfeat_torch.record import CHECKPOINT_NAME, RunRecord, load_checkpoint
-from randfeat_torch.ridge import fit_ridge
+from randfeat_torch.ridge import fit_ridge, solve_centred
 from randfeat_torch.targets import Target, build_target, make_generator, sample_inputs
-from randfeat_torch.theory import reference_errors
+from randfeat_torch.theory import reference_errors, relu_population_moments, relu_sum
 
 TEST_STREAM, TRAIN_STREAM, ROUNDING_STREAM = 2, 3, 4
 EVAL_ELEMENTS = 2**24  # hidden activations held at once while evaluating
@@ -360,19 +361,34 @@ def train(
 def fit_by_ridge(
     cfg: DictConfig, model: Model, data: Data, test_set: TestSet, record: RunRecord
 ) -> tuple[str, dict[str, torch.Tensor], int, float]:
-    """The closed-form output layer on n_train fresh samples, streamed in chunks (one 'step').
-    Returns the status, final metrics, steps done and the rate: 1 / the seconds the fit took."""
+    """The closed-form output layer (one 'step'): on n_train fresh samples, streamed in chunks,
+    or with ``optimizer.population`` on the exact population moments of the features, whose
+    'train_loss' is then the population MSE. Returns the status, final metrics, steps done and
+    the rate: 1 / the seconds the fit took."""
     fit_start = time.perf_counter()
-    solution = fit_ridge(
-        model.ridge_features,
-        data.draw,
-        n=cfg.n_train,
-        replicas=cfg.replicas,
-        num_features=ridge_feature_count(cfg),
-        relative_penalty=cfg.optimizer.penalty,
-        device=data.device,
-        chunk_size=cfg.optimizer.chunk_size,
-    )
+    if cfg.optimizer.population:
+        target = relu_sum(data.target)
+        moments = relu_population_moments(model.w, model.b, target)
+        m = model.multiplier  # the ridge features are multiplier * phi
+        solution = solve_centred(
+            moments.cov.mul_(m * m),
+            moments.cross * m,
+            moments.mean * m,
+            torch.tensor(target.mean, dtype=torch.float64, device=data.device),
+            torch.tensor(target.variance, dtype=torch.float64, device=data.device),
+            cfg.optimizer.penalty,
+        )
+    else:
+        solution = fit_ridge(
+            model.ridge_features,
+            data.draw,
+            n=cfg.n_train,
+            replicas=cfg.replicas,
+            num_features=ridge_feature_count(cfg),
+            relative_penalty=cfg.optimizer.penalty,
+            device=data.device,
+            chunk_size=cfg.optimizer.chunk_size,
+        )
     model.load_ridge_solution(solution.beta.float(), solution.c.float())
     fit_time = time.perf_counter() - fit_start
     metrics = test_set.evaluate(model, solution.train_mse.float())
@@ -380,7 +396,11 @@ def fit_by_ridge(
     finite = torch.isfinite(metrics["test_error"])
     record.write(
         "running",
-        ridge={"lambda": solution.penalty.tolist(), "eigen_fallback": solution.fallback},
+        ridge={
+            "lambda": solution.penalty.tolist(),
+            "eigen_fallback": solution.fallback,
+            "population": bool(cfg.optimizer.population),
+        },
     )
     status = "ok" if bool(finite.all()) else "diverged"
     return status, metrics, 1, 1 / fit_time

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -158,8 +160,74 @@ def test_ridge_fits_every_replica(run):
             ["optimizer=ridge", "model=linearized", "n_train=10", "width=4096", "d=512"],
             "GiB for its float64 Gram matrices",
         ),
+        (
+            ["optimizer=ridge", "optimizer.population=true", "model=linearized"],
+            "model.regime=linearized (optimizer.population=true fits the exact Gaussian",
+        ),
+        (
+            [
+                "optimizer=ridge",
+                "optimizer.population=true",
+                "model=frozen",
+                "model.activation=tanh",
+            ],
+            "model.activation=tanh (optimizer.population=true",
+        ),
+        (
+            ["optimizer=ridge", "optimizer.population=true", "model=frozen", "input=sphere"],
+            "only for input.name=gaussian",
+        ),
+        (
+            ["optimizer=ridge", "optimizer.population=true", "model=frozen", "target=polynomial"],
+            "only for target.name=relu_neuron or zigzag",
+        ),
+        (
+            ["optimizer=ridge", "optimizer.population=true", "model=frozen", "n_train=1000"],
+            "n_train=1000 (optimizer.population=true draws no training samples",
+        ),
     ],
 )
 def test_ridge_refuses_what_it_cannot_fit(run, overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         run(*overrides)
+
+
+def test_population_ridge_fits_the_exact_output_layer(run):
+    # No samples: the fit's MSE is the exact population error, and held-out samples agree.
+    population = run(
+        "model=frozen",
+        "optimizer=ridge",
+        "optimizer.population=true",
+        "optimizer.penalty=0",
+        "d=8",
+        "width=64",
+        "n_test=200000",
+    )
+    exact = population.theory["rf_population_error"]
+    variance = 0.5 - 1 / (2 * math.pi)  # the unit ReLU neuron's
+    assert 0.02 < exact < 0.3
+    assert float(population.metrics["train_loss"][0]) / variance == pytest.approx(exact, rel=1e-5)
+    assert population.test_error == pytest.approx(exact, rel=0.03)
+    # Ridge on 2000 samples pays for them (about P / n = 3% more), on the same test set.
+    sampled = run(
+        "model=frozen", "optimizer=ridge", "d=8", "width=64", "n_train=2000", "n_test=200000"
+    )
+    assert population.test_error * 1.01 < sampled.test_error < population.test_error * 1.1
+
+
+def test_population_ridge_on_the_hard_neuron_and_replicas(run):
+    result = run(
+        "model=frozen",
+        "optimizer=ridge",
+        "optimizer.population=true",
+        "target=relu_neuron_hard",
+        "d=6",
+        "width=48",
+        "replicas=2",
+        "n_test=200000",
+    )
+    exact = result.theory["rf_population_error"]
+    errors = result.metrics["test_error"].tolist()
+    assert len(exact) == 2 and exact[0] != pytest.approx(exact[1], rel=1e-3)
+    for measured, predicted in zip(errors, exact, strict=True):
+        assert measured == pytest.approx(predicted, rel=0.05)

@@ -9,12 +9,21 @@ import math
 import pytest
 import torch
 
-from randfeat_torch.targets import hermite_orthonormal
+from randfeat_torch.targets import ReluNeuron, Zigzag, hermite_orthonormal, zigzag
 from randfeat_torch.theory import (
+    bivariate_normal_cdf,
     hermite_coefficients_1d,
     moments_1d,
+    normal_cdf,
+    normal_pdf,
     relu_hermite_coefficients,
+    relu_mean,
+    relu_neuron_sum,
+    relu_population_moments,
+    relu_product_mean,
     relu_rf_population_error,
+    relu_square_mean,
+    relu_sum,
     residual_errors,
 )
 
@@ -25,6 +34,11 @@ CASES = [(1.0, 0.0), (2.0, 0.5), (1.0, -1.5), (3.0, 4.0)]
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def rf_error(w: torch.Tensor, w_star: torch.Tensor) -> torch.Tensor:
+    """The exact RF error of bias-free features w for the bias-free neuron relu(<w*, x>)."""
+    return relu_rf_population_error(w, None, relu_neuron_sum(w_star))
 
 
 def triangle(z: torch.Tensor) -> torch.Tensor:
@@ -120,13 +134,13 @@ def test_rf_error_is_zero_when_the_target_is_a_feature():
     w = torch.randn(1, 50, 10, generator=gen(0), dtype=F64)
     w_star = torch.randn(10, generator=gen(1), dtype=F64)
     w[0, 0] = w_star / w_star.norm() * 2
-    assert float(relu_rf_population_error(w, w_star)[0]) < 1e-8
+    assert float(rf_error(w, w_star)[0]) < 1e-8
 
 
 def test_rf_error_decreases_with_nested_features():
     big = torch.randn(1, 500, 10, generator=gen(2), dtype=F64)
     w_star = torch.randn(10, generator=gen(3), dtype=F64)
-    errors = [float(relu_rf_population_error(big[:, :width], w_star)[0]) for width in (5, 50, 500)]
+    errors = [float(rf_error(big[:, :width], w_star)[0]) for width in (5, 50, 500)]
     assert 0 < errors[2] <= errors[1] <= errors[0] < 1, errors
     assert errors[0] > 0.5 and errors[2] < 0.05, errors
 
@@ -138,41 +152,41 @@ def test_rf_error_at_known_angles():
     sixty = torch.tensor([[[0.0, 0.5, math.sqrt(3) / 2]]], dtype=F64)
     cov = (math.sqrt(3) / 2 + math.pi / 3) / (2 * math.pi) - 1 / (2 * math.pi)
     expected = 1 - (cov / RELU_VARIANCE) ** 2
-    assert float(relu_rf_population_error(sixty, w_star)[0]) == pytest.approx(expected, rel=1e-12)
+    assert float(rf_error(sixty, w_star)[0]) == pytest.approx(expected, rel=1e-12)
     # relu(-s) has covariance -1/(2 pi) with relu(s).
     opposite = -torch.ones(1, 1, 1, dtype=F64)
     expected = 1 - (1 / (2 * math.pi * RELU_VARIANCE)) ** 2
-    error = relu_rf_population_error(opposite, torch.ones(1, dtype=F64))
+    error = rf_error(opposite, torch.ones(1, dtype=F64))
     assert float(error[0]) == pytest.approx(expected, rel=1e-12)
     # Features orthogonal to w* are independent of the target: nothing is explained.
     orthogonal = torch.randn(1, 20, 3, generator=gen(11), dtype=F64)
     orthogonal[..., 1] = 0
-    assert float(relu_rf_population_error(orthogonal, w_star)[0]) == pytest.approx(1.0, abs=1e-12)
+    assert float(rf_error(orthogonal, w_star)[0]) == pytest.approx(1.0, abs=1e-12)
 
 
 def test_rf_error_survives_a_rank_two_gram():
     # In d = 1 every feature is a multiple of relu(x) or relu(-x): a 100 x 100 Gram of rank 2.
     scales = torch.rand(1, 100, 1, generator=gen(12), dtype=F64) + 0.1
-    negative = relu_rf_population_error(-scales, torch.ones(1, dtype=F64))
+    negative = rf_error(-scales, torch.ones(1, dtype=F64))
     expected = 1 - (1 / (2 * math.pi * RELU_VARIANCE)) ** 2
     assert float(negative[0]) == pytest.approx(expected, rel=1e-9)
     both = torch.cat([-scales, scales[:, :1]], dim=1)
-    assert float(relu_rf_population_error(both, torch.ones(1, dtype=F64))[0]) < 1e-9
+    assert float(rf_error(both, torch.ones(1, dtype=F64))[0]) < 1e-9
 
 
 def test_rf_error_is_unchanged_by_a_duplicate_feature():
     # A rescaled copy of a row makes Cov(phi) singular (the eigenvalue fallback).
     w = torch.randn(1, 40, 8, generator=gen(4), dtype=F64)
     w_star = torch.randn(8, generator=gen(5), dtype=F64)
-    error = relu_rf_population_error(w, w_star)
+    error = rf_error(w, w_star)
     duplicated = torch.cat([w, 3 * w[:, :1]], dim=1)
     assert 0 < float(error[0]) < 1
-    assert torch.allclose(relu_rf_population_error(duplicated, w_star), error, rtol=0, atol=1e-10)
+    assert torch.allclose(rf_error(duplicated, w_star), error, rtol=0, atol=1e-10)
     # A copy moved by 1e-7 leaves Cholesky a pivot ~1e-14: too small to trust. In the limit
     # the copy adds the derivative feature, which explains ~1e-5 here; an unguarded solve
     # "explains" 3e-4.
     nudge = 1e-7 * torch.randn(1, 1, 8, generator=gen(13), dtype=F64)
-    nearly = float(relu_rf_population_error(torch.cat([w, w[:, :1] + nudge], dim=1), w_star)[0])
+    nearly = float(rf_error(torch.cat([w, w[:, :1] + nudge], dim=1), w_star)[0])
     assert float(error[0]) - 2e-5 <= nearly <= float(error[0]) + 1e-8
 
 
@@ -180,7 +194,7 @@ def test_rf_error_matches_monte_carlo_least_squares():
     d, width, n = 6, 20, 400_000
     w = torch.randn(1, width, d, generator=gen(6), dtype=F64)
     w_star = torch.randn(d, generator=gen(7), dtype=F64)
-    exact = float(relu_rf_population_error(w, w_star)[0])
+    exact = float(rf_error(w, w_star)[0])
 
     def features(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([torch.relu(x @ w[0].T), torch.ones(len(x), 1, dtype=F64)], dim=1)
@@ -198,14 +212,14 @@ def test_rf_error_matches_monte_carlo_least_squares():
 def test_rf_error_handles_replicas_and_float32_input():
     w = torch.randn(2, 30, 8, generator=gen(9))
     w_star = torch.randn(8, generator=gen(10))
-    errors = relu_rf_population_error(w, w_star)
+    errors = rf_error(w, w_star)
     assert errors.shape == (2,) and errors.dtype == F64
     assert float(errors[0]) != pytest.approx(float(errors[1]), abs=1e-3)
     for r in range(2):
-        alone = relu_rf_population_error(w[r : r + 1], w_star)
+        alone = rf_error(w[r : r + 1], w_star)
         assert float(alone[0]) == pytest.approx(float(errors[r]), abs=1e-12)
     with pytest.raises(ValueError):
-        relu_rf_population_error(w, torch.randn(7))
+        rf_error(w, torch.randn(7))
 
 
 def test_reference_errors_go_into_the_record_and_tensorboard(run):
@@ -254,3 +268,137 @@ def test_polynomial_reference_errors_split_its_energy_by_degree(run):
     theory = run("target=polynomial", "target.degree=3", "target.include_lower=true").theory
     assert theory["best_degree_3"] == pytest.approx(0, abs=1e-12)
     assert 1 >= theory["best_degree_1"] >= theory["best_degree_2"] >= 0
+
+
+def simpson(values: torch.Tensor, step: float) -> float:
+    return (
+        step
+        / 3
+        * float(values[0] + values[-1] + 4 * values[1:-1:2].sum() + 2 * values[2:-1:2].sum())
+    )
+
+
+def bivariate_by_quadrature(h: float, k: float, rho: float) -> float:
+    """P(X <= h, Y <= k) = int phi(x) Phi((k - rho x) / s) dx by Simpson's rule, over the
+    side of h with less mass (the other side's rounding would swamp 1e-12)."""
+    s = math.sqrt((1 - rho) * (1 + rho))
+    lo, hi = (-12.0, h) if h < 0 else (h, 12.0)
+    x = torch.linspace(lo, hi, 400_001, dtype=F64)  # steps of <= 3e-5, << s = 0.0045 at worst
+    part = simpson(normal_pdf(x) * normal_cdf((k - rho * x) / s), (hi - lo) / 400_000)
+    return part if h < 0 else float(normal_cdf(torch.tensor(k, dtype=F64))) - part
+
+
+def test_bivariate_cdf_is_exact_where_closed_forms_exist():
+    rho = torch.linspace(-1, 1, 2001, dtype=F64)
+    zero = torch.zeros_like(rho)
+    origin = 0.25 + torch.asin(rho) / (2 * math.pi)
+    assert (bivariate_normal_cdf(zero, zero, rho) - origin).abs().max() < 1e-15
+    h, k = 4 * torch.randn(2, 200, generator=gen(20), dtype=F64)
+    cdf_h, cdf_k = normal_cdf(h), normal_cdf(k)
+    one = torch.ones_like(h)
+    assert torch.allclose(bivariate_normal_cdf(h, k, 0 * one), cdf_h * cdf_k, rtol=0, atol=1e-15)
+    assert torch.allclose(bivariate_normal_cdf(h, k, one), normal_cdf(torch.minimum(h, k)), atol=0)
+    opposite = (cdf_h - normal_cdf(-k)).clamp_min(0)  # P(-k <= X <= h)
+    assert torch.allclose(bivariate_normal_cdf(h, k, -one), opposite, rtol=0, atol=1e-15)
+    rho = torch.rand(200, generator=gen(21), dtype=F64) * 2 - 1
+    swapped = bivariate_normal_cdf(k, h, rho)
+    assert torch.allclose(bivariate_normal_cdf(h, k, rho), swapped, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("rho", [0.1, -0.5, 0.74, -0.9, 0.93, -0.97, 0.999, -0.99999])
+def test_bivariate_cdf_matches_quadrature_in_every_band(rho):
+    for h in (-5.0, -1.3, 0.0, 0.4, 2.7):
+        for k in (-3.1, 0.0, 1.2, 4.5):
+            value = float(bivariate_normal_cdf(*(torch.tensor(v, dtype=F64) for v in (h, k, rho))))
+            assert value == pytest.approx(bivariate_by_quadrature(h, k, rho), abs=1e-12), (h, k)
+
+
+def test_relu_product_mean_is_the_arc_cosine_kernel_without_biases():
+    rho = torch.linspace(-1, 1, 401, dtype=F64)
+    theta = torch.acos(rho)
+    kernel = 2.0 * 3.0 * (torch.sin(theta) + (math.pi - theta) * rho) / (2 * math.pi)
+    two, three, zero = (torch.tensor(v, dtype=F64) for v in (2.0, 3.0, 0.0))
+    assert (relu_product_mean(two, zero, three, zero, rho) - kernel).abs().max() < 1e-14
+
+
+@pytest.mark.parametrize(("norm", "bias"), CASES)
+def test_relu_product_mean_limits(norm, bias):
+    norm, bias = torch.tensor(norm, dtype=F64), torch.tensor(bias, dtype=F64)
+    other = (torch.tensor(0.7, dtype=F64), torch.tensor(-0.3, dtype=F64))
+    independent = relu_product_mean(norm, bias, *other, torch.tensor(0.0, dtype=F64))
+    assert float(independent) == pytest.approx(float(relu_mean(norm, bias) * relu_mean(*other)))
+    same = relu_product_mean(norm, bias, norm, bias, torch.tensor(1.0, dtype=F64))
+    assert float(same) == pytest.approx(float(relu_square_mean(norm, bias)), rel=1e-14)
+
+
+def test_relu_product_mean_matches_quadrature():
+    # E[relu(s1 X + b1) E[relu(s2 Y + b2) | X]], the inner mean in closed form, Y | X normal.
+    cases = torch.rand(40, 5, generator=gen(22), dtype=F64)
+    for s1, b1, s2, b2, r in cases.tolist():
+        s1, s2, b1, b2, r = 0.2 + 3 * s1, 0.2 + 3 * s2, 8 * b1 - 4, 8 * b2 - 4, 2 * r - 1
+        lo = max(-b1 / s1, -12.0)
+        x = torch.linspace(lo, 12.0, 20_001, dtype=F64)
+        spread = torch.full_like(x, s2 * math.sqrt((1 - r) * (1 + r)))
+        integrand = normal_pdf(x) * torch.relu(s1 * x + b1) * relu_mean(spread, b2 + s2 * r * x)
+        expected = simpson(integrand, (12.0 - lo) / 20_000)
+        value = float(relu_product_mean(*(torch.tensor(v, dtype=F64) for v in (s1, b1, s2, b2, r))))
+        assert value == pytest.approx(expected, abs=1e-10 * s1 * s2)
+
+
+def test_population_moments_with_biases_match_monte_carlo():
+    d, width, n = 5, 12, 400_000
+    w = torch.randn(2, width, d, generator=gen(23), dtype=F64)
+    b = torch.randn(2, width, generator=gen(24), dtype=F64)
+    w_star = torch.randn(d, generator=gen(25), dtype=F64)
+    target = relu_neuron_sum(w_star, bias=-0.8)
+    moments = relu_population_moments(w, b, target)
+    x = torch.randn(n, d, generator=gen(26), dtype=F64)
+    phi = torch.relu(x @ w.transpose(1, 2) + b.unsqueeze(1))  # (2, n, width)
+    y = torch.relu(x @ w_star - 0.8)
+    assert float(y.mean()) == pytest.approx(target.mean, abs=4 * float(y.std()) / n**0.5)
+    assert float(y.var()) == pytest.approx(target.variance, rel=0.01)
+
+    def within(estimates: torch.Tensor, exact: torch.Tensor) -> None:
+        mean = estimates.mean(1)
+        error = (estimates.std(1) / n**0.5).clamp_min(1e-12)
+        assert float(((mean - exact) / error).abs().max()) < 5.5
+
+    centred = phi - phi.mean(1, keepdim=True)
+    within(phi, moments.mean)
+    within(centred.unsqueeze(-1) * centred.unsqueeze(-2), moments.cov)
+    within(centred * (y - y.mean()).unsqueeze(-1), moments.cross)
+    assert torch.equal(moments.cov, moments.cov.transpose(1, 2))
+
+
+def test_rf_error_with_biases_matches_monte_carlo_least_squares():
+    d, width, n = 6, 20, 400_000
+    w = torch.randn(1, width, d, generator=gen(27), dtype=F64)
+    b = torch.randn(1, width, generator=gen(28), dtype=F64)
+    w_star = 2 * torch.randn(d, generator=gen(29), dtype=F64)
+    target = relu_neuron_sum(w_star, bias=1.5)
+    exact = float(relu_rf_population_error(w, b, target)[0])
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.relu(x @ w[0].T + b[0]), torch.ones(len(x), 1, dtype=F64)], 1)
+
+    data = gen(30)
+    x_train, x_test = (torch.randn(n, d, generator=data, dtype=F64) for _ in range(2))
+    a = features(x_train)
+    coef = torch.linalg.solve(a.T @ a, a.T @ torch.relu(x_train @ w_star + 1.5))
+    mse = float((features(x_test) @ coef - torch.relu(x_test @ w_star + 1.5)).square().mean())
+    assert 0.05 < exact < 0.95
+    assert mse / target.variance == pytest.approx(exact, rel=0.03)
+
+
+def test_zigzag_is_its_sum_of_relus_and_its_features_are_blind_to_it():
+    target = Zigzag(d=4, norm=4.0, a=97, seed=0, device=torch.device("cpu"))
+    coef, shift = target.relu_terms()
+    z = torch.linspace(-150, 150, 30_001, dtype=F64)
+    rebuilt = (coef * torch.relu(z.unsqueeze(-1) + shift)).sum(-1) - 1
+    assert (rebuilt - zigzag(z, 97)).abs().max() < 1e-9
+    # Width-32 random features cannot follow 24 oscillations per standard deviation.
+    w = torch.randn(1, 32, 4, generator=gen(31), dtype=F64) / 2
+    b = torch.randn(1, 32, generator=gen(32), dtype=F64)
+    assert float(relu_rf_population_error(w, b, relu_sum(target))[0]) > 0.97
+    neuron = ReluNeuron(d=4, norm=1.0, bias=0.0, seed=0, device=torch.device("cpu"))
+    assert float(relu_rf_population_error(w, b, relu_sum(neuron))[0]) < 0.2
