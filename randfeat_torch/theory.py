@@ -21,7 +21,7 @@ sum_k c_k^2 = E f^2 and sum_{k>=1} c_k^2 = Var f.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy
@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig
 
 from randfeat_torch.models import LinearizedNet, TwoLayerNet
-from randfeat_torch.ridge import gram_blocks, mirror_lower, solve_psd
+from randfeat_torch.ridge import mirror_lower, solve_psd
 from randfeat_torch.targets import HermitePolynomial, Parity, ReluNeuron, Target, Zigzag, zigzag
 
 REPORTED_DEGREES = 4  # best_degree_1 .. best_degree_L, L = max(this, the target's own degree)
@@ -41,35 +41,47 @@ CORRELATION_BANDS = ((0.3, 6), (0.75, 12), (0.925, 20))
 HIGH_CORRELATION_POINTS = 20
 _LEGENDRE = {n: numpy.polynomial.legendre.leggauss(n) for n in (6, 12, 20)}
 POPULATION_MAX_ENTRIES = 2**26  # replicas * width^2 above which theory skips the RF Gram matrix
-POPULATION_BLOCK = 256  # rows of the population Gram matrix computed at once
+POPULATION_ROWS = 64  # rows of the population Gram matrix at once (its temporaries stay in cache)
+POPULATION_TERMS = 256  # target ReLU terms at once in Cov(phi, f)
+POPULATION_PAIRS = 2**19  # pairs of units at once through the bivariate CDF (~0.2 GB of buffers)
+MEHLER_CORRELATION = 0.3  # |rho| below which the Gram matrix uses Mehler's series ...
+MEHLER_TERMS = 28  # ... cut after this degree: 0.3^29 = 7e-16
 
 
 def normal_cdf(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * torch.erfc(-x / math.sqrt(2.0))
 
 
+def normal_cdf_(x: torch.Tensor) -> torch.Tensor:
+    """Phi(x) in place of x."""
+    return x.mul_(-1.0 / math.sqrt(2.0)).erfc_().mul_(0.5)
+
+
 def normal_pdf(x: torch.Tensor) -> torch.Tensor:
     return INV_SQRT_2PI * torch.exp(-0.5 * x * x)
-
-
-def _legendre(hi: torch.Tensor, points: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Gauss-Legendre nodes and weights on [0, hi], elementwise: [(node, weight)]."""
-    half = 0.5 * hi
-    nodes, weights = _LEGENDRE[points]
-    return [(half * (1.0 + float(x)), half * float(w)) for x, w in zip(nodes, weights, strict=True)]
 
 
 def _bivariate_cdf_moderate(
     h: torch.Tensor, k: torch.Tensor, rho: torch.Tensor, points: int
 ) -> torch.Tensor:
     """|rho| < 0.925: Phi(h) Phi(k) + (1/2 pi) int_0^asin(rho) exp(-(h^2 + k^2 -
-    2 h k sin t) / (2 cos^2 t)) dt (Drezner and Wesolowsky's form of d Phi2 / d rho)."""
-    total = torch.zeros_like(h)
-    half_sq, hk = 0.5 * (h * h + k * k), h * k
-    for theta, weight in _legendre(torch.asin(rho), points):
-        sin = torch.sin(theta)
-        total += weight * torch.exp((hk * sin - half_sq) / (1.0 - sin * sin))
-    return normal_cdf(h) * normal_cdf(k) + total / (2.0 * math.pi)
+    2 h k sin t) / (2 cos^2 t)) dt (Drezner and Wesolowsky's form of d Phi2 / d rho), by
+    Gauss-Legendre with ``points`` nodes. h, k, rho broadcast together; the loop runs in place,
+    as it is bound by memory traffic at the sizes of a Gram matrix."""
+    angle = torch.asin(rho)
+    hk = h * k
+    neg_half_sq = -0.5 * (h * h + k * k)
+    one = torch.ones((), dtype=hk.dtype, device=hk.device)
+    shape = torch.broadcast_shapes(hk.shape, angle.shape)
+    total = torch.zeros(shape, dtype=hk.dtype, device=hk.device)
+    nodes, weights = _LEGENDRE[points]
+    for x, weight in zip(nodes.tolist(), weights.tolist(), strict=True):
+        sin = torch.sin(angle * (0.5 * (1.0 + x)))
+        exponent = torch.addcmul(neg_half_sq, hk, sin)
+        exponent.div_(torch.addcmul(one, sin, sin, value=-1.0))
+        total.add_(exponent.exp_(), alpha=weight)
+    total.mul_(angle).mul_(0.25 / math.pi)  # (asin(rho) / 2) (1 / 2 pi)
+    return total.add_(normal_cdf(h) * normal_cdf(k))
 
 
 def _bivariate_cdf_high(h: torch.Tensor, k: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
@@ -90,7 +102,9 @@ def _bivariate_cdf_high(h: torch.Tensor, k: torch.Tensor, rho: torch.Tensor) -> 
     m1 = (a**3 * edge - b2 * m0) / 3.0
     m2 = (a**5 * edge - b2 * m1) / 5.0
     total = m0 + c * (m1 + d * m2)
-    for x, weight in _legendre(a, HIGH_CORRELATION_POINTS):
+    nodes, weights = _LEGENDRE[HIGH_CORRELATION_POINTS]
+    for node, weight in zip(nodes.tolist(), weights.tolist(), strict=True):
+        x, weight = 0.5 * a * (1.0 + node), 0.5 * a * weight
         xs = x * x
         t = torch.sqrt(1.0 - xs)
         exact = torch.exp(-0.5 * b2 / xs - hk / (1.0 + t)) / t
@@ -109,11 +123,13 @@ def bivariate_normal_cdf(h: torch.Tensor, k: torch.Tensor, rho: torch.Tensor) ->
     Accurate to about 1e-15 against P(0, 0; rho) = 1/4 + asin(rho) / 2 pi and against 1D
     quadrature (tests/test_theory.py).
     """
-    h, k, rho = (t.to(torch.float64) for t in torch.broadcast_tensors(h, k, rho))
+    h, k, rho = (t.to(torch.float64) for t in (h, k, rho))
     rho = rho.clamp(-1.0, 1.0)
-    # Every entry by the cheapest band first (most at d >> 1), then the others redone.
+    # Every entry by the cheapest band first (most at d >> 1; h and k may stay a column and a
+    # row), then the others redone.
     (_, points), *bands = CORRELATION_BANDS
     out = _bivariate_cdf_moderate(h, k, rho, points)
+    h, k, rho = torch.broadcast_tensors(h, k, rho)
     size = rho.abs()
     below = CORRELATION_BANDS[0][0]
     for above, points in bands:
@@ -125,7 +141,7 @@ def bivariate_normal_cdf(h: torch.Tensor, k: torch.Tensor, rho: torch.Tensor) ->
     negative = rh < 0
     flipped = _bivariate_cdf_high(hh, torch.where(negative, -kh, kh), rh.abs())
     out[high] = torch.where(negative, normal_cdf(hh) - flipped, flipped)
-    return out.clamp(0.0, 1.0)
+    return out.clamp_(0.0, 1.0)
 
 
 def relu_mean(norm: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -156,34 +172,47 @@ def relu_product_mean(
     arc-cosine kernel's norm1 norm2 / 2."""
     rho = rho.clamp(-1.0, 1.0)
     t1, t2 = bias1 / norm1, bias2 / norm2
-    s = torch.sqrt((1.0 - rho) * (1.0 + rho)).clamp_min(1e-150)
-    value = (
-        (t1 * t2 + rho) * bivariate_normal_cdf(t1, t2, rho)
-        + t1 * normal_pdf(t2) * normal_cdf((t1 - rho * t2) / s)
-        + t2 * normal_pdf(t1) * normal_cdf((t2 - rho * t1) / s)
-        + s / (2.0 * math.pi) * torch.exp(-(t1 * t1 - 2.0 * rho * t1 * t2 + t2 * t2) / (2 * s * s))
-    )
-    return norm1 * norm2 * value
+    one = torch.ones((), dtype=rho.dtype, device=rho.device)
+    s_sq = torch.addcmul(one, rho, rho, value=-1.0).clamp_min_(1e-300)
+    s = torch.sqrt(s_sq)
+    t12 = t1 * t2
+    # t1 phi(t2) Phi((t1 - rho t2) / s) and the same with 1 and 2 swapped, in place.
+    value = normal_cdf_(torch.addcmul(t1, rho, t2, value=-1.0).div_(s)).mul_(t1 * normal_pdf(t2))
+    swapped = normal_cdf_(torch.addcmul(t2, rho, t1, value=-1.0).div_(s))
+    value.addcmul_(swapped, t2 * normal_pdf(t1))
+    # s exp(-(t1^2 - 2 rho t1 t2 + t2^2) / 2 s^2) / 2 pi
+    exponent = torch.addcmul(t1 * t1 + t2 * t2, rho, t12, value=-2.0).div_(s_sq).mul_(-0.5)
+    value.addcmul_(exponent.exp_(), s, value=1.0 / (2.0 * math.pi))
+    value.addcmul_(bivariate_normal_cdf(t1, t2, rho), t12 + rho)
+    return value.mul_(norm1 * norm2)
 
 
-def _hermite_sums(x: torch.Tensor, weights: torch.Tensor, degree: int) -> torch.Tensor:
-    """sum_i weights_i h_k(x_i) for k = 0..degree: x, weights (n,) -> (degree + 1,).
+def _hermite_terms(x: torch.Tensor, weights: torch.Tensor, degree: int) -> Iterator[torch.Tensor]:
+    """weights * h_k(x) for k = 0..degree, one at a time, in one of two buffers that the next
+    step overwrites (clone what you keep).
 
     The orthonormal recurrence h_{k+1} = (x h_k - sqrt(k) h_{k-1}) / sqrt(k + 1), run on
-    weights * h_k in two buffers updated in place, never forms He_k or k!, so it neither
-    overflows nor holds more than two copies of a long grid.
+    weights * h_k in place, never forms He_k or k!, so it neither overflows nor holds more
+    than two copies of a long grid.
     """
     previous, current = torch.zeros_like(x), weights * torch.ones_like(x)
-    sums = [current.sum()]
+    yield current
     for k in range(degree):
         previous.mul_(-math.sqrt(k)).addcmul_(x, current).div_(math.sqrt(k + 1))
         previous, current = current, previous
-        sums.append(current.sum())
-    return torch.stack(sums)
+        yield current
 
 
-def relu_hermite_coefficients(norm: float, bias: float, max_degree: int) -> torch.Tensor:
-    """c_k = E[relu(norm z + bias) h_k(z)], z ~ N(0, 1), exactly: float64, (max_degree + 1,).
+def _hermite_sums(x: torch.Tensor, weights: torch.Tensor, degree: int) -> torch.Tensor:
+    """sum_i weights_i h_k(x_i) for k = 0..degree: x, weights (n,) -> (degree + 1,)."""
+    return torch.stack([term.sum() for term in _hermite_terms(x, weights, degree)])
+
+
+def relu_hermite_coefficients(
+    norm: float | torch.Tensor, bias: float | torch.Tensor, max_degree: int
+) -> torch.Tensor:
+    """c_k = E[relu(norm z + bias) h_k(z)], z ~ N(0, 1), exactly: float64, (max_degree + 1,),
+    or (max_degree + 1, *shape) for tensors norm and bias of one shape (one ReLU per entry).
 
     With t = -bias / norm and T_k = int_t^inf He_k(z) phi(z) dz (T_0 = Q(t) = 1 - Phi(t),
     T_k = He_{k-1}(t) phi(t) for k >= 1), and z He_k = He_{k+1} + k He_{k-1},
@@ -195,20 +224,24 @@ def relu_hermite_coefficients(norm: float, bias: float, max_degree: int) -> torc
     |t| <= 37 (c_0 alone loses t^2 * 1e-16 relative when t >> 1); past |t| ~ 37.5, phi(t)
     underflows and the c_k, k >= 2, read 0, which they are to ~1e-150 * norm.
     """
-    if norm <= 0:
-        raise ValueError(f"norm must be > 0, got {norm}")
+    norm = torch.as_tensor(norm, dtype=torch.float64)
+    bias = torch.as_tensor(bias, dtype=torch.float64, device=norm.device)
+    if not bool((norm > 0).all()):
+        raise ValueError(f"norm must be > 0, got {norm.min().item()}")
     if max_degree < 0:
         raise ValueError(f"max_degree must be >= 0, got {max_degree}")
-    t = torch.tensor(-bias / norm, dtype=torch.float64)
-    pdf = INV_SQRT_2PI * torch.exp(-0.5 * t * t)
+    t = -bias / norm
+    pdf = normal_pdf(t)
     tail = 0.5 * torch.erfc(t / math.sqrt(2.0))
-    coef = torch.empty(max_degree + 1, dtype=torch.float64)
+    coef = torch.empty(max_degree + 1, *t.shape, dtype=torch.float64, device=t.device)
     coef[0] = norm * pdf + bias * tail
     if max_degree >= 1:
         coef[1] = norm * tail
     if max_degree >= 2:
-        k = torch.arange(2, max_degree + 1, dtype=torch.float64)
-        coef[2:] = _hermite_sums(t.view(1), norm * pdf, max_degree - 2) / torch.sqrt(k * (k - 1))
+        k = torch.arange(2, max_degree + 1, dtype=torch.float64, device=t.device)
+        terms = _hermite_terms(t, norm * pdf, max_degree - 2)
+        coef[2:] = torch.stack([term.clone() for term in terms])
+        coef[2:] /= torch.sqrt(k * (k - 1)).view(-1, *[1] * t.dim())
     return coef
 
 
@@ -325,16 +358,32 @@ class PopulationMoments:
     cross: torch.Tensor
 
 
+def _mehler(
+    rows: torch.Tensor, cols: torch.Tensor, rho: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """sum_{k=1..K} rows_k cols_k rho^k by Horner, in place in out: rows (K + 1, R, m), cols
+    (K + 1, R, n) Hermite coefficients, rho and out (R, m, n)."""
+    top = rows.shape[0] - 1
+    torch.mul(rows[top].unsqueeze(-1), cols[top].unsqueeze(-2), out=out)
+    for k in range(top - 1, 0, -1):
+        out.mul_(rho).addcmul_(rows[k].unsqueeze(-1), cols[k].unsqueeze(-2))
+    return out.mul_(rho)
+
+
 def relu_population_moments(
     w: torch.Tensor, b: torch.Tensor | None, target: ReluSum
 ) -> PopulationMoments:
     """The exact population moments of ReLU random features with first layers w: (R, P, d) and
     hidden biases b: (R, P) or None, against a sum-of-ReLUs target.
 
-    <w_j, x> + b_j ~ N(b_j, |w_j|^2) with correlation <w_i, w_j> / |w_i| |w_j| between units,
-    so every entry is a :func:`relu_product_mean`. The Gram matrix is filled one block of rows
-    at a time, below the diagonal only, and mirrored; its diagonal is E relu^2 exactly. Costs
-    about R P^2 / 2 bivariate normal CDFs (0.5 s at P = 2048, 2 cores) and no samples."""
+    <w_j, x> + b_j ~ N(b_j, |w_j|^2) with correlation rho_ij = <w_i, w_j> / |w_i| |w_j|
+    between units, so every entry is a :func:`relu_product_mean`. The Gram matrix is filled one
+    block of rows at a time, below the diagonal only, and mirrored; its diagonal is E relu^2
+    exactly. Where |rho_ij| < MEHLER_CORRELATION (almost every pair at d >> 1), Mehler's formula
+    Cov = sum_{k >= 1} c_k(i) c_k(j) rho^k with the units' exact Hermite coefficients is
+    cheaper: cut at MEHLER_TERMS, its tail is below |rho|^(MEHLER_TERMS + 1) |c(i)| |c(j)| <= 7e-16
+    E relu_i^2 ^ 1/2 E relu_j^2 ^ 1/2 (Cauchy-Schwarz). Costs about 0.1 s at P = 2048 (2
+    cores) and no samples."""
     direction, coef, shift = target.direction, target.coef, target.shift
     if w.dim() != 3 or direction.shape != (w.shape[-1],):
         raise ValueError(f"need w (R, width, d) and w* ({w.shape[-1]},), got {tuple(w.shape)}")
@@ -345,14 +394,23 @@ def relu_population_moments(
     unit = w / norm.unsqueeze(-1)
     bias = torch.zeros_like(norm) if b is None else b.detach().to(torch.float64)
     mean = relu_mean(norm, bias)
+    hermite = relu_hermite_coefficients(norm, bias, MEHLER_TERMS)  # (K + 1, R, P)
     cov = torch.empty(*norm.shape, norm.shape[-1], dtype=torch.float64, device=w.device)
-    for start, stop in gram_blocks(norm.shape[-1]):
+    width = norm.shape[-1]
+    far = []  # (replica, row, column, rho) of the pairs Mehler's series leaves to the CDF
+    for start in range(0, width, POPULATION_ROWS):
+        stop = min(width, start + POPULATION_ROWS)
         rows = slice(start, stop)
         rho = unit[:, rows] @ unit[:, :stop].transpose(1, 2)
         rho[:, :, rows].diagonal(dim1=1, dim2=2).zero_()  # the diagonal is set exactly below
-        row_units = (norm[:, rows, None], bias[:, rows, None])
-        product = relu_product_mean(*row_units, norm[:, None, :stop], bias[:, None, :stop], rho)
-        cov[:, rows, :stop] = product - mean[:, rows, None] * mean[:, None, :stop]
+        _mehler(hermite[:, :, rows], hermite[:, :, :stop], rho, out=cov[:, rows, :stop])
+        replica, i, j = (rho.abs() >= MEHLER_CORRELATION).nonzero(as_tuple=True)
+        far.append((replica, i + start, j, rho[replica, i, j]))
+    replica, i, j, rho = (torch.cat(parts) for parts in zip(*far, strict=True))
+    for part in torch.arange(len(i), device=w.device).split(POPULATION_PAIRS):
+        r, m, n = replica[part], i[part], j[part]
+        product = relu_product_mean(norm[r, m], bias[r, m], norm[r, n], bias[r, n], rho[part])
+        cov[r, m, n] = product - mean[r, m] * mean[r, n]
     mirror_lower(cov)
     cov.diagonal(dim1=1, dim2=2).copy_(relu_square_mean(norm, bias) - mean.square())
 
@@ -361,8 +419,8 @@ def relu_population_moments(
     rho = (unit @ (direction / target_norm)).unsqueeze(-1)  # (R, P, 1)
     coef, shift = coef.to(w.device), shift.to(w.device)
     cross = torch.zeros_like(mean)
-    for start in range(0, coef.numel(), POPULATION_BLOCK):
-        c, t = coef[start : start + POPULATION_BLOCK], shift[start : start + POPULATION_BLOCK]
+    for start in range(0, coef.numel(), POPULATION_TERMS):
+        c, t = coef[start : start + POPULATION_TERMS], shift[start : start + POPULATION_TERMS]
         product = relu_product_mean(norm.unsqueeze(-1), bias.unsqueeze(-1), target_norm, t, rho)
         cross += (product - mean.unsqueeze(-1) * relu_mean(target_norm, t)) @ c
     return PopulationMoments(mean, cov, cross)

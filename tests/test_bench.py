@@ -34,7 +34,8 @@ def test_bench_quick_produces_every_figure(tmp_path):
             "single_frozen",
             "replicas",
             "large_fraction_of_peak",
-            "ridge_vs_sgd",
+            "closed_form",
+            "closed_form_sampled",
             "startup",
             "compile",
         }

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from randfeat_torch import theory
 from randfeat_torch.targets import ReluNeuron, Zigzag, hermite_orthonormal, zigzag
 from randfeat_torch.theory import (
     bivariate_normal_cdf,
@@ -402,3 +403,17 @@ def test_zigzag_is_its_sum_of_relus_and_its_features_are_blind_to_it():
     assert float(relu_rf_population_error(w, b, relu_sum(target))[0]) > 0.97
     neuron = ReluNeuron(d=4, norm=1.0, bias=0.0, seed=0, device=torch.device("cpu"))
     assert float(relu_rf_population_error(w, b, relu_sum(neuron))[0]) < 0.2
+
+
+@pytest.mark.parametrize("d", [3, 12, 64])
+def test_mehler_series_and_bivariate_cdf_give_the_same_gram(monkeypatch, d):
+    # Pairs with |rho| < 0.3 go through Mehler's series, the others through the CDF: at d = 3
+    # most pairs are far, at d = 64 almost none. All through the CDF must agree to rounding.
+    w = torch.randn(2, 150, d, generator=gen(33), dtype=F64) / d**0.5
+    b = torch.randn(2, 150, generator=gen(34), dtype=F64)
+    target = relu_neuron_sum(torch.randn(d, generator=gen(35), dtype=F64), bias=0.3)
+    mixed = relu_population_moments(w, b, target)
+    monkeypatch.setattr(theory, "MEHLER_CORRELATION", 0.0)
+    direct = relu_population_moments(w, b, target)
+    assert (mixed.cov - direct.cov).abs().max() < 1e-14
+    assert torch.equal(mixed.cross, direct.cross)
