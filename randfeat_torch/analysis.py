@@ -213,6 +213,15 @@ def _line_with_band(ax: plt.Axes, frame: pd.DataFrame, x: str, color: str, label
     ax.fill_between(s[x], s["min"], s["max"], color=color, alpha=0.2)
 
 
+def _exact_rf_points(ax: plt.Axes, frame: pd.DataFrame, x: str, color: str) -> None:
+    """The exact RF population error (mean over seeds and replicas) against ``x``, as crosses,
+    where the runs have it."""
+    exact = frame.get("theory.rf_population_error")
+    if exact is not None and exact.notna().any():
+        exact = frame.groupby(x)["theory.rf_population_error"].mean()
+        ax.plot(exact.index, exact.values, "x", color=color, ms=8, label="exact RF")
+
+
 def plot_error_vs_width(ok: pd.DataFrame) -> plt.Figure | None:
     """Normalised test error vs width (log-log): a panel per method, a line per d, the band
     over seeds and replicas, theory overlays (best linear / quadratic lines, exact RF points)."""
@@ -224,10 +233,7 @@ def plot_error_vs_width(ok: pd.DataFrame) -> plt.Figure | None:
         frame = ok[ok["label"] == label]
         for i, (d, by_d) in enumerate(frame.groupby("d")):
             _line_with_band(ax, by_d, "width", f"C{i}", f"d={d}")
-            exact = by_d.get("theory.rf_population_error")
-            if exact is not None and exact.notna().any():
-                exact = by_d.groupby("width")["theory.rf_population_error"].mean()
-                ax.plot(exact.index, exact.values, "x", color=f"C{i}", ms=8, label="exact RF")
+            _exact_rf_points(ax, by_d, "width", f"C{i}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         _plain_ticks(ax, sorted(frame["width"].unique()))
@@ -241,7 +247,7 @@ def plot_error_vs_width(ok: pd.DataFrame) -> plt.Figure | None:
 
 def plot_error_vs_d(ok: pd.DataFrame) -> plt.Figure | None:
     """Normalised test error vs d: a panel per width (those with two d or more), a line per
-    method, side by side."""
+    method, side by side, with exact RF points where the runs have them."""
     widths = [w for w, frame in ok.groupby("width") if frame["d"].nunique() > 1]
     if not widths:
         return None
@@ -250,6 +256,7 @@ def plot_error_vs_d(ok: pd.DataFrame) -> plt.Figure | None:
         frame = ok[ok["width"] == width]
         for i, (label, by_label) in enumerate(frame.groupby("label")):
             _line_with_band(ax, by_label, "d", f"C{i}", label)
+            _exact_rf_points(ax, by_label, "d", f"C{i}")
         ax.set_yscale("log")
         _theory_lines(ax, frame)
         ax.set_title(f"width={width}", fontsize=9)
