@@ -330,10 +330,10 @@ class ReluSum:
 def relu_neuron_sum(w_star: torch.Tensor, bias: float = 0.0) -> ReluSum:
     """The ReLU neuron relu(<w*, x> + bias) as a :class:`ReluSum` of one term."""
     norm = w_star.to(torch.float64).norm().reshape(1)
-    shift = torch.full((1,), float(bias), dtype=torch.float64)
+    shift = torch.full_like(norm, float(bias))
     mean = relu_mean(norm, shift)
     variance = relu_square_mean(norm, shift) - mean.square()
-    return ReluSum(w_star, torch.ones(1, dtype=torch.float64), shift, float(mean), float(variance))
+    return ReluSum(w_star, torch.ones_like(norm), shift, float(mean), float(variance))
 
 
 def relu_sum(target: Target) -> ReluSum | None:

@@ -164,25 +164,37 @@ def first_within(events: EventAccumulator, replica: int, goal: float) -> int | N
     return reached[0] if reached else None
 
 
-def closed_form_vs_sgd(ours: Trainer, quick: bool) -> dict[str, dict]:
+def closed_form_vs_sgd(ours: Trainer, quick: bool, repeats: int) -> dict[str, dict]:
     """Seconds each closed-form fit takes vs seconds SGD takes to come within 10% of its test
     error, all without set-up and evaluation, on the same held-out samples. The fits: ridge on
     the exact population moments (``optimizer.population=true``, the target figure) and ridge
-    on n_train samples (no target). SGD runs once, at each rate of SGD_RATES at once (replicas
-    with one rate each, on the same batches), and is timed at the first rate to get there, at
-    the speed of a single run; its budget is SGD_BUDGET times the population fit (and at least
-    the sampled fit), and where no rate gets there the ratio is a lower bound."""
+    on n_train samples (no target). Each fit is timed ``repeats`` times, interleaved with a
+    100-step SGD probe (medians). SGD then runs once, at each rate of SGD_RATES at once
+    (replicas with one rate each, on the same batches), and is timed at the first rate to get
+    there, at the probe's speed of a single run; its budget is SGD_BUDGET times the population
+    fit (and at least the sampled fit), and where no rate gets there the ratio is a lower
+    bound."""
     common = ["model=frozen", "d=64", "width=512" if quick else "width=2048", "n_test=5000"]
     fits = {
-        "closed_form": ours.run(*common, "optimizer=ridge", "optimizer.population=true"),
-        "closed_form_sampled": ours.run(
-            *common, "optimizer=ridge", f"n_train={4000 if quick else 40000}"
-        ),
+        "closed_form": ["optimizer=ridge", "optimizer.population=true"],
+        "closed_form_sampled": ["optimizer=ridge", f"n_train={4000 if quick else 40000}"],
     }
-    fit_s = {name: 1 / fit.steps_per_s for name, fit in fits.items()}  # the fit: one "step"
-    probe = ours.run(*common, "steps=100", "eval_every=100")
+    errors, timing = {}, {}
+    for name, overrides in fits.items():
+
+        def fit_rate(overrides: list[str] = overrides, name: str = name) -> float:
+            result = ours.run(*common, *overrides)
+            errors[name] = result.test_error  # the same every time: fixed seeds
+            return result.steps_per_s  # the fit is one "step"
+
+        def probe_rate() -> float:
+            return ours.run(*common, "steps=100", "eval_every=100").steps_per_s
+
+        timing[name] = interleaved(probe_rate, fit_rate, repeats)
+    fit_s = {name: 1 / t["ours"] for name, t in timing.items()}
+    sgd_rate = statistics.median(t["baseline"] for t in timing.values())
     budget_s = max(SGD_BUDGET * fit_s["closed_form"], fit_s["closed_form_sampled"])
-    steps = max(100, int(budget_s * probe.steps_per_s) // 100 * 100)
+    steps = max(100, int(budget_s * sgd_rate) // 100 * 100)
     rates = ",".join(map(str, SGD_RATES))
     sgd = ours.run(
         *common,
@@ -194,16 +206,17 @@ def closed_form_vs_sgd(ours: Trainer, quick: bool) -> dict[str, dict]:
     events = EventAccumulator(str(sgd.run_dir))
     events.Reload()
     figures = {}
-    for name, fit in fits.items():
-        goal = 1.1 * fit.test_error
+    for name in fits:
+        goal = 1.1 * errors[name]
         first = {lr: first_within(events, r, goal) for r, lr in enumerate(SGD_RATES)}
         reached = {lr: step for lr, step in first.items() if step is not None}
         best_lr = min(reached, key=reached.get) if reached else None
         sgd_steps = reached[best_lr] if reached else steps
-        sgd_s = sgd_steps / probe.steps_per_s
+        sgd_s = sgd_steps / sgd_rate
         figures[name] = {
-            "fit_error": fit.test_error,
+            "fit_error": errors[name],
             "fit_s": fit_s[name],
+            "sgd_steps_per_s": sgd_rate,
             "sgd_best_lr": best_lr,
             "sgd_steps_to_goal": sgd_steps,
             "sgd_steps_to_goal_by_lr": {str(lr): step for lr, step in first.items()},
@@ -280,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         "shape": {"d": d, "width": width, "batch": batch},
     }
 
-    figures.update(closed_form_vs_sgd(ours, quick))
+    figures.update(closed_form_vs_sgd(ours, quick, 2 if quick else 5))
 
     figures["compile"] = compiled_vs_eager(device, steps, repeats)
 
