@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,24 @@ def test_every_yaml_composes_and_trains(make_cfg, tmp_path, group, option):
     assert result.status == "ok"
     assert result.model(torch.randn(5, cfg.d)).shape == (cfg.replicas, 5)
     assert 0 < result.test_error < 10
+
+
+FIT_NEEDS = {"rf_ridge": ["n_train=64"], "nt_ridge": ["n_train=64"]}
+
+
+@pytest.mark.parametrize(
+    "option", sorted(path.stem for path in (CONFIG_DIR / "fit").glob("*.yaml"))
+)
+def test_every_fit_composes_and_trains(make_cfg, tmp_path, option):
+    cfg = make_cfg(f"fit={option}", *FIT_NEEDS.get(option, []))
+    validate(cfg)
+    assert cfg.model.regime == {"nn": "trainable", "rf": "frozen", "nt": "linearized"}[option[:2]]
+    result = train(cfg, tmp_path)
+    assert result.status == "ok" and 0 < result.test_error < 10
+    if option == "rf_population":  # no samples: its fit is the exact population optimum
+        assert cfg.optimizer.population and cfg.n_train is None
+        error = float(result.metrics["train_loss"][0]) / (0.5 - 1 / (2 * math.pi))  # / Var f
+        assert error == pytest.approx(result.theory["rf_population_error"], rel=1e-4)
 
 
 @pytest.mark.parametrize("regime", ["trainable", "frozen", "linearized"])
