@@ -48,6 +48,31 @@ def random_direction(d: int, seed: int, device: torch.device) -> torch.Tensor:
     return (direction / direction.norm()).to(device=device, dtype=torch.float32)
 
 
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    """Phi(x), the standard normal CDF."""
+    return 0.5 * torch.erfc(-x / math.sqrt(2.0))
+
+
+def normal_pdf(x: torch.Tensor) -> torch.Tensor:
+    """phi(x), the standard normal density."""
+    return INV_SQRT_2PI * torch.exp(-0.5 * x * x)
+
+
+def relu_mean(norm: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """E relu(norm z + bias), z ~ N(0, 1): norm (t Phi(t) + phi(t)), t = bias / norm."""
+    t = bias / norm
+    return norm * (t * normal_cdf(t) + normal_pdf(t))
+
+
+def relu_square_mean(norm: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """E relu(norm z + bias)^2 = norm^2 ((t^2 + 1) Phi(t) + t phi(t)), t = bias / norm."""
+    t = bias / norm
+    return norm.square() * ((t * t + 1.0) * normal_cdf(t) + t * normal_pdf(t))
+
+
 class Target:
     """A function f*: R^d -> R. ``mean`` and ``variance`` are exact under the inputs named in
     ``exact_under`` (None where no closed form is known)."""
@@ -71,13 +96,9 @@ class ReluNeuron(Target):
     def __init__(self, d: int, norm: float, bias: float, seed: int, device: torch.device) -> None:
         self.w = random_direction(d, seed, device) * norm
         self.d, self.norm, self.bias = d, float(norm), float(bias)
-        # <w*, x> + b ~ N(b, s^2): E relu = s phi(b/s) + b Phi(b/s),
-        # E relu^2 = (s^2 + b^2) Phi(b/s) + b s phi(b/s).
-        s, b = self.norm, self.bias
-        pdf = math.exp(-0.5 * (b / s) ** 2) / math.sqrt(2 * math.pi)
-        cdf = 0.5 * (1 + math.erf(b / (s * math.sqrt(2))))
-        self.mean = s * pdf + b * cdf
-        self.variance = (s * s + b * b) * cdf + b * s * pdf - self.mean**2
+        s, b = (torch.tensor(v, dtype=torch.float64) for v in (self.norm, self.bias))
+        self.mean = float(relu_mean(s, b))  # <w*, x> + b ~ N(b, s^2)
+        self.variance = float(relu_square_mean(s, b)) - self.mean**2
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         pre = x @ self.w

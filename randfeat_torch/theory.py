@@ -30,11 +30,22 @@ from omegaconf import DictConfig
 
 from randfeat_torch.models import LinearizedNet, TwoLayerNet
 from randfeat_torch.ridge import mirror_lower, solve_psd
-from randfeat_torch.targets import HermitePolynomial, Parity, ReluNeuron, Target, Zigzag, zigzag
+from randfeat_torch.targets import (
+    INV_SQRT_2PI,
+    HermitePolynomial,
+    Parity,
+    ReluNeuron,
+    Target,
+    Zigzag,
+    normal_cdf,
+    normal_pdf,
+    relu_mean,
+    relu_square_mean,
+    zigzag,
+)
 
 REPORTED_DEGREES = 4  # best_degree_1 .. best_degree_L, L = max(this, the target's own degree)
 
-INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 # Gauss-Legendre points for the bivariate normal CDF by |rho| band (Genz 2004): 6 below 0.3,
 # 12 below 0.75, 20 below 0.925, and 20 on the near-singular branch above.
 CORRELATION_BANDS = ((0.3, 6), (0.75, 12), (0.925, 20))
@@ -48,17 +59,9 @@ MEHLER_CORRELATION = 0.3  # |rho| below which the Gram matrix uses Mehler's seri
 MEHLER_TERMS = 28  # ... cut after this degree: 0.3^29 = 7e-16
 
 
-def normal_cdf(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * torch.erfc(-x / math.sqrt(2.0))
-
-
 def normal_cdf_(x: torch.Tensor) -> torch.Tensor:
     """Phi(x) in place of x."""
     return x.mul_(-1.0 / math.sqrt(2.0)).erfc_().mul_(0.5)
-
-
-def normal_pdf(x: torch.Tensor) -> torch.Tensor:
-    return INV_SQRT_2PI * torch.exp(-0.5 * x * x)
 
 
 def _bivariate_cdf_moderate(
@@ -142,18 +145,6 @@ def bivariate_normal_cdf(h: torch.Tensor, k: torch.Tensor, rho: torch.Tensor) ->
     flipped = _bivariate_cdf_high(hh, torch.where(negative, -kh, kh), rh.abs())
     out[high] = torch.where(negative, normal_cdf(hh) - flipped, flipped)
     return out.clamp_(0.0, 1.0)
-
-
-def relu_mean(norm: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """E relu(norm z + bias), z ~ N(0, 1): norm (t Phi(t) + phi(t)), t = bias / norm."""
-    t = bias / norm
-    return norm * (t * normal_cdf(t) + normal_pdf(t))
-
-
-def relu_square_mean(norm: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """E relu(norm z + bias)^2 = norm^2 ((t^2 + 1) Phi(t) + t phi(t)), t = bias / norm."""
-    t = bias / norm
-    return norm.square() * ((t * t + 1.0) * normal_cdf(t) + t * normal_pdf(t))
 
 
 def relu_product_mean(
@@ -426,19 +417,26 @@ def relu_population_moments(
     return PopulationMoments(mean, cov, cross)
 
 
+def population_error(moments: PopulationMoments, variance: float) -> torch.Tensor:
+    """Exact normalised population error of the best output layer (and constant) on features
+    of these moments, for a target of this variance: (R,) in [0, 1].
+    min_{a, c} E[(f - a.phi - c)^2] / Var f = (Var f - q^T C^+ q) / Var f, with C = Cov(phi)
+    and q = Cov(phi, f) (C^+ as in :func:`ridge.solve_psd`; the moments are left as they are)."""
+    explained = (moments.cross * solve_psd(moments.cov, moments.cross)[0]).sum(-1)
+    return ((variance - explained) / variance).clamp(0.0, 1.0)
+
+
 def relu_rf_population_error(
     w: torch.Tensor, b: torch.Tensor | None, target: ReluSum
 ) -> torch.Tensor:
-    """Exact normalised population error of the best output layer (and constant) on ReLU random
-    features relu(<w_j, x> + b_j) for a sum-of-ReLUs target under x ~ N(0, I_d): (R,) in [0, 1].
-    min_{a, c} E[(f - a.phi - c)^2] / Var f = (Var f - q^T C^+ q) / Var f, with C = Cov(phi),
-    q = Cov(phi, f) from :func:`relu_population_moments` (C^+ as in :func:`ridge.solve_psd`)."""
-    moments = relu_population_moments(w, b, target)
-    explained = (moments.cross * solve_psd(moments.cov, moments.cross)[0]).sum(-1)
-    return ((target.variance - explained) / target.variance).clamp(0.0, 1.0)
+    """:func:`population_error` of ReLU random features relu(<w_j, x> + b_j) for a sum-of-ReLUs
+    target under x ~ N(0, I_d): (R,) float64."""
+    return population_error(relu_population_moments(w, b, target), target.variance)
 
 
-def population_moments_apply(cfg: DictConfig, target: Target, model: object) -> bool:
+def population_moments_apply(
+    cfg: DictConfig, target: Target, model: TwoLayerNet | LinearizedNet
+) -> bool:
     """Whether the exact population moments hold for this run: ReLU random features (a frozen
     two-layer net) on a sum-of-ReLUs target, under Gaussian inputs."""
     return (
@@ -477,15 +475,19 @@ def degree_energies(target: Target, max_degree: int) -> tuple[torch.Tensor, floa
 
 
 def reference_errors(
-    cfg: DictConfig, target: Target, model: TwoLayerNet | LinearizedNet
+    cfg: DictConfig,
+    target: Target,
+    model: TwoLayerNet | LinearizedNet,
+    moments: PopulationMoments | None = None,
 ) -> dict[str, float | list[float]]:
     """What theory predicts for this run, normalised by the target's population variance:
     ``best_constant`` (1.0), ``best_degree_l`` (the best polynomial of degree <= l) and, for
     ReLU random features on a ReLU neuron or a zigzag under Gaussian inputs, with or without
     biases, ``rf_population_error`` (the exact population error of the best output layer for
-    this draw of features; a list over replicas when R > 1; left out above
-    POPULATION_MAX_ENTRIES = replicas * width^2). Empty where the target's closed forms do
-    not hold for the inputs."""
+    this draw of features; a list over replicas when R > 1). That one comes from ``moments``
+    when the run has them already (``optimizer.population=true``), and is otherwise left out
+    above POPULATION_MAX_ENTRIES = replicas * width^2. Empty where the target's closed forms
+    do not hold for the inputs."""
     if cfg.input.name not in target.exact_under:
         return {}
     top = max(REPORTED_DEGREES, getattr(target, "degree", 0), getattr(target, "k", 0))
@@ -496,10 +498,12 @@ def reference_errors(
         f"best_degree_{degree}" if degree else "best_constant": error
         for degree, error in enumerate(residual_errors(*known, top))
     }
-    if (
+    if moments is None and (
         population_moments_apply(cfg, target, model)
         and cfg.replicas * cfg.width**2 <= POPULATION_MAX_ENTRIES
     ):
-        exact = relu_rf_population_error(model.w, model.b, relu_sum(target)).tolist()
+        moments = relu_population_moments(model.w, model.b, relu_sum(target))
+    if moments is not None:
+        exact = population_error(moments, relu_sum(target).variance).tolist()
         errors["rf_population_error"] = exact[0] if len(exact) == 1 else exact
     return errors

@@ -29,7 +29,13 @@ from randfeat_torch.optim import GradientPrecision, PerReplicaRates, base_lr, bu
 from randfeat_torch.record import CHECKPOINT_NAME, RunRecord, load_checkpoint
 from randfeat_torch.ridge import fit_ridge, solve_centred
 from randfeat_torch.targets import Target, build_target, make_generator, sample_inputs
-from randfeat_torch.theory import reference_errors, relu_population_moments, relu_sum
+from randfeat_torch.theory import (
+    PopulationMoments,
+    ReluSum,
+    reference_errors,
+    relu_population_moments,
+    relu_sum,
+)
 
 TEST_STREAM, TRAIN_STREAM, ROUNDING_STREAM = 2, 3, 4
 EVAL_ELEMENTS = 2**24  # hidden activations held at once while evaluating
@@ -292,7 +298,8 @@ def train(
     test_set = TestSet(cfg, target, device)
     model = build_model(cfg.model, cfg.seed, device)
     data = training_data(cfg, target, device)
-    theory = reference_errors(cfg, target, model)
+    exact = exact_moments(cfg, target, model)
+    theory = reference_errors(cfg, target, model, exact and exact.moments)
     config = OmegaConf.to_container(cfg, resolve=True)
     checkpoint = load_checkpoint(Path(run_dir), config) if cfg.resume else None
 
@@ -312,7 +319,7 @@ def train(
     try:
         if cfg.optimizer.name == "ridge":
             status, metrics, steps_done, steps_per_s = fit_by_ridge(
-                cfg, model, data, test_set, record
+                cfg, model, data, test_set, record, exact
             )
         else:
             loop = Loop(cfg, model, data, test_set, record, start, stop_at)
@@ -358,24 +365,49 @@ def train(
     )
 
 
+@dataclass
+class ExactMoments:
+    """For ``optimizer.population``: the target as a sum of ReLUs, the exact population moments
+    of the features, computed once (the theory section reads them too), and the seconds they
+    took, which count as part of the fit."""
+
+    target: ReluSum
+    moments: PopulationMoments
+    seconds: float
+
+
+def exact_moments(cfg: DictConfig, target: Target, model: Model) -> ExactMoments | None:
+    """The :class:`ExactMoments` of a run fitted with ``optimizer.population``, else None."""
+    if cfg.optimizer.name != "ridge" or not cfg.optimizer.population:
+        return None
+    clock = Stopwatch(model.w.device)
+    start = clock.mark()
+    relu = relu_sum(target)
+    moments = relu_population_moments(model.w, model.b, relu)
+    return ExactMoments(relu, moments, clock.since(start))
+
+
 def fit_by_ridge(
-    cfg: DictConfig, model: Model, data: Data, test_set: TestSet, record: RunRecord
+    cfg: DictConfig,
+    model: Model,
+    data: Data,
+    test_set: TestSet,
+    record: RunRecord,
+    exact: ExactMoments | None,
 ) -> tuple[str, dict[str, torch.Tensor], int, float]:
     """The closed-form output layer (one 'step'): on n_train fresh samples, streamed in chunks,
-    or with ``optimizer.population`` on the exact population moments of the features, whose
-    'train_loss' is then the population MSE. Returns the status, final metrics, steps done and
-    the rate: 1 / the seconds the fit took."""
+    or with ``exact`` (``optimizer.population``) on the exact population moments of the
+    features, whose 'train_loss' is then the population MSE. Returns the status, final metrics,
+    steps done and the rate: 1 / the seconds the fit took (the moments' included)."""
     fit_start = time.perf_counter()
-    if cfg.optimizer.population:
-        target = relu_sum(data.target)
-        moments = relu_population_moments(model.w, model.b, target)
+    if exact is not None:
         m = model.multiplier  # the ridge features are multiplier * phi
         solution = solve_centred(
-            moments.cov.mul_(m * m),
-            moments.cross * m,
-            moments.mean * m,
-            torch.tensor(target.mean, dtype=torch.float64, device=data.device),
-            torch.tensor(target.variance, dtype=torch.float64, device=data.device),
+            exact.moments.cov.mul_(m * m),  # the theory section has read them already
+            exact.moments.cross * m,
+            exact.moments.mean * m,
+            torch.tensor(exact.target.mean, dtype=torch.float64, device=data.device),
+            torch.tensor(exact.target.variance, dtype=torch.float64, device=data.device),
             cfg.optimizer.penalty,
         )
     else:
@@ -390,7 +422,7 @@ def fit_by_ridge(
             chunk_size=cfg.optimizer.chunk_size,
         )
     model.load_ridge_solution(solution.beta.float(), solution.c.float())
-    fit_time = time.perf_counter() - fit_start
+    fit_time = time.perf_counter() - fit_start + (exact.seconds if exact else 0.0)
     metrics = test_set.evaluate(model, solution.train_mse.float())
     record.log_eval(1, metrics)
     finite = torch.isfinite(metrics["test_error"])
