@@ -75,7 +75,7 @@ def _bivariate_cdf_moderate(
     hk = h * k
     neg_half_sq = -0.5 * (h * h + k * k)
     one = torch.ones((), dtype=hk.dtype, device=hk.device)
-    shape = torch.broadcast_shapes(hk.shape, angle.shape)
+    shape = torch.broadcast_tensors(hk, angle)[0].shape  # (broadcast_shapes imports sympy)
     total = torch.zeros(shape, dtype=hk.dtype, device=hk.device)
     nodes, weights = _LEGENDRE[points]
     for x, weight in zip(nodes.tolist(), weights.tolist(), strict=True):
