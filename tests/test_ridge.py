@@ -231,3 +231,22 @@ def test_population_ridge_on_the_hard_neuron_and_replicas(run):
     assert len(exact) == 2 and exact[0] != pytest.approx(exact[1], rel=1e-3)
     for measured, predicted in zip(errors, exact, strict=True):
         assert measured == pytest.approx(predicted, rel=0.05)
+
+
+def test_a_population_run_computes_its_moments_once(run, monkeypatch):
+    from randfeat_torch import theory, trainer
+
+    calls = []
+    original = theory.relu_population_moments
+
+    def counted(*args):
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(theory, "relu_population_moments", counted)
+    monkeypatch.setattr(trainer, "relu_population_moments", counted)
+    result = run("model=frozen", "optimizer=ridge", "optimizer.population=true", "width=64")
+    assert len(calls) == 1  # the theory section reads the fit's moments
+    assert 0 < result.theory["rf_population_error"] < 1
+    sampled = run("model=frozen", "optimizer=ridge", "n_train=500", "width=64")
+    assert len(calls) == 2 and "rf_population_error" in sampled.theory  # theory's own
