@@ -28,6 +28,7 @@ import numpy
 import torch
 from omegaconf import DictConfig
 
+from randfeat_torch.config import RELU_SUM_TARGETS
 from randfeat_torch.models import LinearizedNet, TwoLayerNet
 from randfeat_torch.ridge import mirror_lower, solve_psd
 from randfeat_torch.targets import (
@@ -441,7 +442,7 @@ def population_moments_apply(
     two-layer net) on a sum-of-ReLUs target, under Gaussian inputs."""
     return (
         cfg.input.name == "gaussian"
-        and isinstance(target, ReluNeuron | Zigzag)
+        and target.name in RELU_SUM_TARGETS  # the list that optimizer.population is checked on
         and isinstance(model, TwoLayerNet)
         and model.frozen
         and cfg.model.activation == "relu"
