@@ -205,8 +205,11 @@ class Batches:
         return {} if self.online else {"pos": self.pos, "order": self.order}
 
     def restore(self, state: dict) -> None:
+        """From :meth:`state` as loaded (onto the CPU): the order goes back to the device."""
         if not self.online:
-            self.pos, self.order = state["pos"], state["order"]
+            order = state["order"]
+            self.pos = state["pos"]
+            self.order = None if order is None else order.to(self.data.device)
 
 
 def compile_step(function: Callable, device: torch.device) -> Callable:
@@ -399,7 +402,8 @@ def fit_by_ridge(
     or with ``exact`` (``optimizer.population``) on the exact population moments of the
     features, whose 'train_loss' is then the population MSE. Returns the status, final metrics,
     steps done and the rate: 1 / the seconds the fit took (the moments' included)."""
-    fit_start = time.perf_counter()
+    clock = Stopwatch(data.device)
+    fit_start = clock.mark()
     if exact is not None:
         m = model.multiplier  # the ridge features are multiplier * phi
         solution = solve_centred(
@@ -422,7 +426,7 @@ def fit_by_ridge(
             chunk_size=cfg.optimizer.chunk_size,
         )
     model.load_ridge_solution(solution.beta.float(), solution.c.float())
-    fit_time = time.perf_counter() - fit_start + (exact.seconds if exact else 0.0)
+    fit_time = clock.since(fit_start) + (exact.seconds if exact else 0.0)
     metrics = test_set.evaluate(model, solution.train_mse.float())
     record.log_eval(1, metrics)
     finite = torch.isfinite(metrics["test_error"])

@@ -40,6 +40,13 @@ CASES = {
         "optimizer.stochastic_rounding=true",
         "checkpoint_every=4",
     ],
+    "finite, a pass order per replica": [
+        "steps=30",
+        "eval_every=10",
+        "n_train=40",
+        "replicas=2",
+        "replica_data=independent",
+    ],
 }
 
 
