@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,6 +15,9 @@ from randfeat_torch.cli import CONFIG_DIR
 from randfeat_torch.trainer import RunResult, train
 
 ROOT = CONFIG_DIR.parent
+# The device of the runs that the tests train: cpu, or cuda on a GPU machine
+# (RANDFEAT_TEST_DEVICE=cuda, as scripts/gpu_check.sh sets it); the suite never needs a GPU.
+TEST_DEVICE = os.environ.get("RANDFEAT_TEST_DEVICE", "cpu")
 SMALL = [
     "d=8",
     "width=64",
@@ -21,7 +25,7 @@ SMALL = [
     "eval_every=10",
     "batch_size=32",
     "n_test=512",
-    "device=cpu",
+    f"device={TEST_DEVICE}",
 ]
 
 

@@ -16,7 +16,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util.tensor_util import make_ndarray
 
-from tests.conftest import ROOT, SMALL
+from tests.conftest import ROOT, SMALL, TEST_DEVICE
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def test_a_run_writes_its_record_and_tensorboard_scalars(tmp_path):
     assert record["choices"]["model"] == "trainable"
     assert 0 < record["metrics"]["test_error"] < 2
     assert record["wall_time_s"] > 0 and record["steps_per_s"] > 0 and record["steps_done"] == 20
-    assert record["device"] == "cpu"
+    assert record["device"] == TEST_DEVICE
     assert record["versions"]["torch"] and record["versions"]["python"]
     assert "commit" in record["git"]
 

@@ -28,7 +28,7 @@ def test_trained_net_learns_a_unit_relu_neuron_and_beats_random_features(run):
 def test_frozen_net_keeps_its_first_layer_and_learns_a_linear_target(run, make_cfg):
     overrides = [*LEARN, "model=frozen", "target=polynomial", "target.degree=1", "target.terms=8"]
     cfg = make_cfg(*overrides)
-    init = build_model(cfg.model, cfg.seed, torch.device("cpu"))
+    init = build_model(cfg.model, cfg.seed, torch.device(cfg.device))
     result = run(*overrides)
     assert torch.equal(result.model.w, init.w) and torch.equal(result.model.b, init.b)
     assert not torch.equal(result.model.a, init.a)
@@ -103,7 +103,8 @@ def test_a_constant_target_is_refused(run):
 def test_grad_precision_quantises_every_applied_update(run, make_cfg):
     overrides = ["optimizer.momentum=0", "optimizer.grad_precision=0.01", "optimizer.lr=0.1"]
     overrides += ["steps=7", "eval_every=7"]
-    init = build_model(make_cfg(*overrides).model, 0, torch.device("cpu"))
+    cfg = make_cfg(*overrides)
+    init = build_model(cfg.model, cfg.seed, torch.device(cfg.device))
     result = run(*overrides)
     for name in ("w", "b", "a", "c"):
         moved = (getattr(result.model, name) - getattr(init, name)).detach().double()
