@@ -247,9 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: --device cuda, but CUDA is not available here", file=sys.stderr)
         return 2
     device = torch.device(args.device)
-    quick = args.quick
+    quick, cuda = args.quick, device.type == "cuda"
     repeats = 3 if quick else 7
-    steps = 30 if quick else 300
+    steps = 30 if quick else 1000 if cuda else 300  # a GPU step takes well under a millisecond
     ours = Trainer(args.device)
     figures: dict[str, dict] = {}
 
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
 
     d, width, batch = (64, 1024, 256) if quick else (256, 4096, 1024)
     flops_per_step = 4 * batch * d * width + 6 * batch * width  # no gradient for the input x
-    peak_size = 1024 if quick else 2048
+    peak_size = 1024 if quick else 8192 if cuda else 2048  # a GPU needs a larger one to fill
     large = interleaved(
         lambda: matmul_peak(device, peak_size, 3),
         lambda: (
@@ -329,8 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"{name:<24}{fig['ratio']:>8.3g}{goal:>10}  {verdict}; {detail}")
     print("\n".join(lines))
     info = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
         "threads": torch.get_num_threads(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),  # "highest": no TF32
         "torch": torch.__version__,
         "quick": quick,
     }
