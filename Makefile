@@ -8,10 +8,10 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: help setup train test lint format tensorboard aggregate bench clean
+.PHONY: help setup train test lint format tensorboard aggregate bench gpu-wheels clean
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,8 +42,13 @@ format: $(STAMP)  ## ruff format and autofix
 aggregate: $(STAMP)  ## table, summary and plots of a sweep: make aggregate [SWEEP=dir] (default newest)
 	$(PY) scripts/aggregate.py $(SWEEP)
 
-bench: $(STAMP)  ## speed figures as in-process ratios; writes bench.json (about 5 minutes)
+bench: $(STAMP)  ## speed figures as in-process ratios; writes bench.json (about 2 minutes here)
 	$(PY) scripts/bench.py
+
+gpu-wheels: $(STAMP)  ## wheels of what GPU images lack (Hydra, OmegaConf) into .whl/, for scripts/gpu_check.sh
+	rm -rf .whl && mkdir .whl
+	$(PY) -m pip freeze | grep -iE '^(hydra-core|omegaconf|antlr4-python3-runtime)==' \
+		| xargs $(PY) -m pip wheel --no-deps -q -w .whl
 
 tensorboard: $(STAMP)  ## open TensorBoard on every run under outputs/
 	$(VENV)/bin/tensorboard --logdir outputs
