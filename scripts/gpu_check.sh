@@ -44,10 +44,11 @@ print('torch', torch.__version__, 'CUDA', torch.version.cuda)
 if torch.cuda.is_available():
     print(torch.cuda.get_device_properties(0))"
 
-# The suite in parallel workers where pytest-xdist is installed, else in one process.
+# The suite in 8 workers of 2 CPU threads each where pytest-xdist is installed, else in one
+# process.
 workers=()
 "$python" -c "import xdist" 2>/dev/null && workers=(-n 8)
-stage tests 150 "$out/tests.log" env RANDFEAT_TEST_DEVICE="$device" \
+stage tests 150 "$out/tests.log" env RANDFEAT_TEST_DEVICE="$device" OMP_NUM_THREADS=2 \
     "$python" -m pytest -q -rfE -p no:cacheprovider "${workers[@]}" tests
 
 runs=$(mktemp -d)

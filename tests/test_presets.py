@@ -1,5 +1,6 @@
 """The experiment presets: every job of every sweep composes and validates; the small variants
-of rf_staircase and gd_vs_rf reproduce their claims end to end."""
+of rf_staircase and gd_vs_rf reproduce their claims end to end. The parallel launcher preset
+gives each worker its share of the cores."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from randfeat_torch.cli import CONFIG_DIR
+from randfeat_torch.cli import CONFIG_DIR, ThreadsPerWorker
 from randfeat_torch.config import validate
 from tests.conftest import ROOT
 
@@ -126,3 +129,31 @@ def test_gd_vs_rf_small_gradient_descent_wins_as_d_grows(tmp_path):
         record = json.loads((sweep / run / "metrics.json").read_text())
         assert hparams["d"].number_value == record["config"]["d"]
         assert "hparams/test_error" in events.Tags()["scalars"]
+
+
+JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+BASIC = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+
+
+@pytest.mark.parametrize(
+    ("target", "n_jobs", "threads", "share"),
+    [
+        (JOBLIB, 2, None, "half"),  # local_parallel: cores // 2 threads each
+        (JOBLIB, -1, None, "one"),  # joblib's -1: a worker per core
+        (JOBLIB, 2, 3, "untouched"),  # threads set: the trainer sets them
+        (BASIC, None, None, "untouched"),  # one job at a time
+    ],
+)
+def test_parallel_workers_share_the_cores(target, n_jobs, threads, share):
+    cores = os.cpu_count() or 1
+    config = OmegaConf.create(
+        {"threads": threads, "hydra": {"launcher": {"_target_": target, "n_jobs": n_jobs}}}
+    )
+    before, untouched = torch.get_num_threads(), 2 * cores + 1  # what no rule would give
+    torch.set_num_threads(untouched)
+    try:
+        ThreadsPerWorker().on_job_start(config)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert after == {"half": max(1, cores // 2), "one": 1, "untouched": untouched}[share]
