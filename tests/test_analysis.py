@@ -84,7 +84,7 @@ def test_aggregate_builds_the_table_and_lists_every_problem(sweep):
     table = pd.read_csv(sweep / "results.csv")
     ok = table[table["status"] == "ok"]
     assert len(ok) == 16 and set(ok["replica"]) == {0, 1}
-    assert {"d", "width", "model"} <= set(result.swept)
+    assert sorted(result.swept) == ["d", "model", "width"]
     row = ok[
         (ok["model"] == "trainable") & (ok["d"] == 8) & (ok["width"] == 16) & (ok["replica"] == 1)
     ]

@@ -21,9 +21,11 @@ from tests.conftest import ROOT, SMALL, TEST_DEVICE
 pytestmark = pytest.mark.slow
 
 
-def app(*args: str, cwd: Path, script: list[str] | None = None) -> subprocess.CompletedProcess:
+def app(
+    *args: str, cwd: Path, script: list[str] | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     command = script or [sys.executable, str(ROOT / "train.py")]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
         [*command, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env
     )
@@ -189,6 +191,9 @@ def test_an_output_dir_that_cannot_be_written_is_refused(tmp_path):
 def test_a_four_job_sweep_through_the_joblib_launcher(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     sweep = tmp_path / "sweep"
+    # Thread counts asked for in the environment: joblib then leaves the workers' alone, and
+    # the preset's callback must share the cores itself.
+    cores = str(os.cpu_count() or 1)
     done = app(
         "-m",
         *SMALL,
@@ -197,6 +202,7 @@ def test_a_four_job_sweep_through_the_joblib_launcher(tmp_path):
         "width=16,32",
         f"hydra.sweep.dir={sweep}",
         cwd=tmp_path,
+        env={"OMP_NUM_THREADS": cores, "MKL_NUM_THREADS": cores},
     )
     assert done.returncode == 0, done.stderr[-2000:]
     records = [json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")]
@@ -206,8 +212,7 @@ def test_a_four_job_sweep_through_the_joblib_launcher(tmp_path):
         (6, 16),
         (6, 32),
     ]
-    # 2 workers on this machine's cores: cores // 2 torch threads each (joblib's default
-    # backend limits them too; ThreadsPerWorker, tested alone in test_presets, for any backend).
+    # 2 workers on this machine's cores: cores // 2 torch threads each.
     threads = max(1, (os.cpu_count() or 1) // 2)
     assert all(r["status"] == "ok" and r["torch_threads"] == threads for r in records)
     assert "4 jobs:" in done.stdout  # the statuses, read from the records the workers wrote
@@ -244,11 +249,7 @@ def test_submitit_jobs_killed_with_sigterm_are_finished_by_a_rerun(tmp_path):
         time.sleep(0.05)
     assert victim is not None, "no job got to its first evaluation"
     jobs = [int(p.name) for p in (sweep / ".submitit").iterdir() if p.name.isdigit()]
-    job_of = {
-        j: json.loads(next((sweep / ".submitit" / str(j)).glob("*_submitted.pkl")).name and "{}")
-        for j in jobs
-    }
-    assert jobs and job_of
+    assert jobs
     for pid in jobs:  # the local executor's job ids are the workers' process ids
         os.kill(pid, signal.SIGTERM)
     launcher.communicate(timeout=120)

@@ -3,8 +3,12 @@ that can run, or one sentence naming the key, the value and what is allowed; not
 
 from __future__ import annotations
 
+import math
+
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from omegaconf import DictConfig, ListConfig
 
 from randfeat_torch.cli import load_config
 from randfeat_torch.config import ConfigError
@@ -95,4 +99,41 @@ def test_random_overrides_give_a_valid_config_or_one_sentence(overrides):
         assert text.startswith("invalid config: ") and "\n" not in text
         assert error.key and "=" in text
     else:
-        assert cfg.d >= 1 and cfg.width >= 1 and cfg.steps >= 1
+        assert_runnable(cfg)
+
+
+def positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+def assert_runnable(cfg: DictConfig) -> None:
+    """What a config that validates promises, restated here rather than read from validate."""
+    for key in ("d", "width", "replicas", "steps", "batch_size", "eval_every"):
+        assert cfg[key] >= 1, key
+    assert cfg.n_test >= 2 and cfg.seed >= 0 and cfg.target.seed >= 0
+    for key, low in (("data_seed", 0), ("n_train", 1), ("checkpoint_every", 1), ("threads", 1)):
+        assert cfg[key] is None or cfg[key] >= low, key
+    assert cfg.replica_data in ("shared", "independent")
+    assert cfg.device in ("auto", "cpu") or torch.cuda.is_available()
+    assert (cfg.target.d, cfg.model.d) == (cfg.d, cfg.d)
+    assert (cfg.model.width, cfg.model.replicas) == (cfg.width, cfg.replicas)
+    assert cfg.model.activation in ("relu", "gelu", "tanh", "softplus", "quadratic")
+    assert cfg.model.parameterization in ("standard", "ntk", "mean_field")
+    assert cfg.model.init in ("gaussian", "sphere")
+    if cfg.target.name in ("relu_neuron", "zigzag"):
+        assert positive(cfg.target.norm)
+    if cfg.target.name == "relu_neuron":
+        assert math.isfinite(cfg.target.bias)
+    opt = cfg.optimizer
+    if opt.name == "ridge":
+        return
+    if cfg.n_train is not None:
+        assert cfg.n_train >= cfg.batch_size
+    rates = list(opt.lr) if isinstance(opt.lr, ListConfig) else [opt.lr]
+    assert len(rates) in (1, cfg.replicas) and all(positive(r) for r in rates)
+    assert math.isfinite(opt.weight_decay) and opt.weight_decay >= 0
+    assert opt.schedule in ("constant", "cosine")
+    assert opt.warmup_steps == 0 or 0 < opt.warmup_steps < cfg.steps
+    assert all(v is None or positive(v) for v in (opt.grad_clip, opt.grad_precision))
+    if opt.name == "sgd":
+        assert 0 <= opt.momentum < 1

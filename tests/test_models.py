@@ -93,8 +93,17 @@ def test_sphere_init_and_zero_output_init():
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "tanh", "softplus", "quadratic"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_linearized_net_equals_the_net_and_its_gradient_at_init(activation, bias):
-    net = TwoLayerNet(d=4, width=9, replicas=2, activation=activation, bias=bias, seed=3)
+@pytest.mark.parametrize("parameterization", ["standard", "ntk", "mean_field"])
+def test_linearized_net_equals_the_net_and_its_gradient_at_init(activation, bias, parameterization):
+    net = TwoLayerNet(
+        d=4,
+        width=9,
+        replicas=2,
+        activation=activation,
+        bias=bias,
+        parameterization=parameterization,
+        seed=3,
+    )
     lin = LinearizedNet(net)
     x = torch.randn(13, 4, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(lin(x), net(x), atol=1e-6)
@@ -105,8 +114,9 @@ def test_linearized_net_equals_the_net_and_its_gradient_at_init(activation, bias
         assert torch.allclose(mine.grad, theirs.grad, atol=1e-5, rtol=1e-4)
 
 
-def test_linearized_net_is_linear_in_its_ridge_features():
-    lin = LinearizedNet(TwoLayerNet(d=3, width=5, replicas=2, seed=0))
+@pytest.mark.parametrize("parameterization", ["standard", "ntk"])  # output multiplier 1, 1/sqrt(5)
+def test_linearized_net_is_linear_in_its_ridge_features(parameterization):
+    lin = LinearizedNet(TwoLayerNet(d=3, width=5, replicas=2, parameterization=parameterization))
     gen = torch.Generator().manual_seed(2)
     beta = torch.randn(2, 5 * (3 + 2), generator=gen)
     c = torch.randn(2, generator=gen)

@@ -136,24 +136,25 @@ BASIC = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 
 
 @pytest.mark.parametrize(
-    ("target", "n_jobs", "threads", "share"),
+    ("target", "n_jobs", "threads", "expected"),
     [
-        (JOBLIB, 2, None, "half"),  # local_parallel: cores // 2 threads each
-        (JOBLIB, -1, None, "one"),  # joblib's -1: a worker per core
-        (JOBLIB, 2, 3, "untouched"),  # threads set: the trainer sets them
-        (BASIC, None, None, "untouched"),  # one job at a time
+        (JOBLIB, 2, None, 4),  # local_parallel on 8 cores: 8 // 2 threads each
+        (JOBLIB, 3, None, 2),
+        (JOBLIB, -1, None, 1),  # joblib's -1: a worker per core
+        (JOBLIB, 2, 3, None),  # threads set: the trainer sets them (None: left alone)
+        (BASIC, None, None, None),  # one job at a time
     ],
 )
-def test_parallel_workers_share_the_cores(target, n_jobs, threads, share):
-    cores = os.cpu_count() or 1
+def test_parallel_workers_share_the_cores(monkeypatch, target, n_jobs, threads, expected):
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)  # not this machine's count: no coincidences
     config = OmegaConf.create(
         {"threads": threads, "hydra": {"launcher": {"_target_": target, "n_jobs": n_jobs}}}
     )
-    before, untouched = torch.get_num_threads(), 2 * cores + 1  # what no rule would give
+    before, untouched = torch.get_num_threads(), 17  # what no rule gives on 8 cores
     torch.set_num_threads(untouched)
     try:
         ThreadsPerWorker().on_job_start(config)
         after = torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
-    assert after == {"half": max(1, cores // 2), "one": 1, "untouched": untouched}[share]
+    assert after == (untouched if expected is None else expected)

@@ -40,6 +40,11 @@ CASES = {
         "optimizer.stochastic_rounding=true",
         "checkpoint_every=4",
     ],
+    "a rate too high, whose best error is not its last": [
+        "steps=30",
+        "eval_every=10",
+        "optimizer.lr=1.0",
+    ],
     "finite, a pass order per replica": [
         "steps=30",
         "eval_every=10",
@@ -77,6 +82,8 @@ def test_a_resumed_run_equals_an_uninterrupted_one(make_cfg, tmp_path, case, sto
         assert torch.equal(mine, theirs)
     final = json.loads((run_dir / "metrics.json").read_text())
     assert final["resumed_from_step"] == stop_at
+    if "optimizer.lr=1.0" in CASES[case]:  # so the best error must come from the checkpoint
+        assert final["best_test_error"][0] < final["metrics"]["test_error"]
     assert (
         final["best_test_error"]
         == json.loads((tmp_path / "whole" / "metrics.json").read_text())["best_test_error"]

@@ -42,6 +42,25 @@ def test_polynomial_mean_and_variance_match_monte_carlo(degree, terms, include_l
     assert var == pytest.approx(target.variance, rel=0.04 * degree)
 
 
+@pytest.mark.parametrize(
+    ("d", "degree", "terms", "include_lower"), [(2, 4, 5, False), (5, 3, 12, True)]
+)
+def test_polynomial_is_its_sum_of_hermite_products(d, degree, terms, include_lower):
+    """f(x) = sum_t coef_t prod_i h_{power of i in t}(x_i), with repeated coordinates (the
+    powers > 1) present."""
+    target = HermitePolynomial(d, degree, terms, include_lower, seed=2, device=CPU)
+    assert any(len(set(m)) < len(m) for m in target.monomials)
+    x = torch.randn(200, d, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    h = [hermite_orthonormal(x[:, i], degree) for i in range(d)]  # each (degree + 1, n)
+    expected = torch.zeros(200, dtype=torch.float64)
+    for monomial, coef in zip(target.monomials, target.coef.double(), strict=True):
+        term = torch.ones(200, dtype=torch.float64)
+        for i in set(monomial):
+            term *= h[i][monomial.count(i)]
+        expected += coef * term
+    assert torch.allclose(target(x.float()).double(), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_polynomial_has_requested_degree_and_distinct_terms():
     target = HermitePolynomial(20, 3, 30, include_lower=True, seed=4, device=CPU)
     degrees = [len(m) for m in target.monomials]

@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from randfeat_torch import theory
-from randfeat_torch.targets import ReluNeuron, Zigzag, hermite_orthonormal, zigzag
+from randfeat_torch.targets import (
+    ReluNeuron,
+    Zigzag,
+    build_target,
+    hermite_orthonormal,
+    zigzag,
+)
 from randfeat_torch.theory import (
     bivariate_normal_cdf,
     hermite_coefficients_1d,
@@ -246,6 +252,7 @@ def test_reference_errors_go_into_the_record_and_tensorboard(run):
     [
         (["input=sphere"], set()),  # Gaussian closed forms: omitted, not wrong
         (["model=trainable"], {"best_constant", "best_degree_1", "best_degree_4"}),
+        (["model=frozen", "model.activation=tanh"], {"best_degree_1"}),  # RF: ReLU only
         (["target=parity", "target.k=3"], {"best_degree_2", "best_degree_3"}),
         (["target=parity", "input=sphere"], set()),
         (["target=zigzag"], {"best_degree_1", "best_degree_4"}),
@@ -265,10 +272,20 @@ def test_parity_reference_errors_are_a_step(run):
     assert [theory[f"best_degree_{k}"] for k in range(1, 5)] == [1.0, 1.0, 0.0, 0.0]
 
 
-def test_polynomial_reference_errors_split_its_energy_by_degree(run):
-    theory = run("target=polynomial", "target.degree=3", "target.include_lower=true").theory
-    assert theory["best_degree_3"] == pytest.approx(0, abs=1e-12)
-    assert 1 >= theory["best_degree_1"] >= theory["best_degree_2"] >= 0
+def test_polynomial_reference_errors_split_its_energy_by_degree(run, make_cfg):
+    overrides = ["target=polynomial", "target.degree=3", "target.include_lower=true"]
+    theory = run(*overrides).theory
+    target = build_target(make_cfg(*overrides).target, torch.device("cpu"))
+    # Each term is orthonormal: the best degree-l error is the share of the squared
+    # coefficients of the terms of degree > l.
+    squares = target.coef.double().square()
+    degrees = torch.tensor([len(m) for m in target.monomials])
+    assert {1, 2, 3} <= set(degrees.tolist())  # every degree present: each entry is tested
+    for degree in range(4):
+        left = float(squares[degrees > degree].sum() / squares.sum())
+        assert theory[f"best_degree_{degree}" if degree else "best_constant"] == pytest.approx(
+            left, abs=1e-6
+        )
 
 
 def simpson(values: torch.Tensor, step: float) -> float:
@@ -391,6 +408,31 @@ def test_rf_error_with_biases_matches_monte_carlo_least_squares():
     assert mse / target.variance == pytest.approx(exact, rel=0.03)
 
 
+def test_zigzag_moments_and_rf_error_match_monte_carlo_least_squares():
+    """A zigzag slow enough for 20 features to follow it in part: its exact mean, variance and
+    random-features population error against 400,000 samples."""
+    d, width, n = 4, 20, 400_000
+    target = Zigzag(d=d, norm=1.5, a=3, seed=0, device=torch.device("cpu"))
+    relu = relu_sum(target)
+    w = torch.randn(1, width, d, generator=gen(36), dtype=F64)
+    b = torch.randn(1, width, generator=gen(37), dtype=F64)
+    exact = float(relu_rf_population_error(w, b, relu)[0])
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.relu(x @ w[0].T + b[0]), torch.ones(len(x), 1, dtype=F64)], 1)
+
+    data = gen(38)
+    x_train, x_test = (torch.randn(n, d, generator=data, dtype=F64) for _ in range(2))
+    y_train, y_test = (zigzag(x @ target.w.double(), target.a) for x in (x_train, x_test))
+    assert float(y_test.mean()) == pytest.approx(relu.mean, abs=4 * float(y_test.std()) / n**0.5)
+    assert float(y_test.var()) == pytest.approx(relu.variance, rel=0.01)
+    a = features(x_train)
+    coef = torch.linalg.solve(a.T @ a, a.T @ y_train)
+    mse = float((features(x_test) @ coef - y_test).square().mean())
+    assert 0.05 < exact < 0.95
+    assert mse / relu.variance == pytest.approx(exact, rel=0.03)
+
+
 def test_zigzag_is_its_sum_of_relus_and_its_features_are_blind_to_it():
     target = Zigzag(d=4, norm=4.0, a=97, seed=0, device=torch.device("cpu"))
     coef, shift = target.relu_terms()
@@ -416,4 +458,3 @@ def test_mehler_series_and_bivariate_cdf_give_the_same_gram(monkeypatch, d):
     monkeypatch.setattr(theory, "MEHLER_CORRELATION", 0.0)
     direct = relu_population_moments(w, b, target)
     assert (mixed.cov - direct.cov).abs().max() < 1e-14
-    assert torch.equal(mixed.cross, direct.cross)
