@@ -93,6 +93,20 @@ def test_a_resumed_run_equals_an_uninterrupted_one(make_cfg, tmp_path, case, sto
         assert steps_logged(run_dir) == steps_logged(tmp_path / "whole") == [0, 10, 20, 30]
 
 
+def test_events_logged_after_the_checkpoint_are_purged_on_resume(make_cfg, tmp_path):
+    """A run killed hard after logging past its last checkpoint: the resumed run logs those
+    steps again, and TensorBoard keeps each step once."""
+    cfg = make_cfg("steps=30", "eval_every=5", "checkpoint_every=10")
+    run_dir = tmp_path / "run"
+    train(cfg, run_dir, stop_at=20)
+    saved = (run_dir / CHECKPOINT_NAME).read_bytes()
+    train(cfg, run_dir)  # on to step 30, logging 25 and 30, as the killed run did
+    (run_dir / CHECKPOINT_NAME).write_bytes(saved)  # ... before it could finish
+    resumed = train(cfg, run_dir)
+    assert resumed.status == "ok"
+    assert steps_logged(run_dir) == [0, 5, 10, 15, 20, 25, 30]
+
+
 def test_a_corrupt_checkpoint_is_refused_and_left_alone(make_cfg, tmp_path):
     cfg = make_cfg("steps=20", "eval_every=10")
     train(cfg, tmp_path, stop_at=5)
