@@ -55,6 +55,15 @@ CASES = {
 }
 
 
+def train_again(cfg, run_dir, **options):
+    """``train`` in a run dir that has event files, in a later wall-clock second: TensorBoard
+    reads a run's event files in name order, names start with the second they were made, and
+    in one process their counters sort as text (".12" before ".9"). A real resume starts a
+    new process, seconds later."""
+    time.sleep(1.01 - time.time() % 1)
+    return train(cfg, run_dir, **options)
+
+
 def steps_logged(run_dir) -> list[int]:
     events = EventAccumulator(str(run_dir))
     events.Reload()
@@ -74,7 +83,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(make_cfg, tmp_path, case, sto
     assert record["status"] == "interrupted" and record["interrupted_by"] == "SIGTERM"
     assert (run_dir / CHECKPOINT_NAME).exists()
 
-    resumed = train(cfg, run_dir)
+    resumed = train_again(cfg, run_dir)
     assert resumed.status == "ok" and resumed.steps_done == 30
     for name in ("test_error", "test_mse", "train_loss"):
         assert torch.equal(resumed.metrics[name], whole.metrics[name]), name
@@ -100,9 +109,9 @@ def test_events_logged_after_the_checkpoint_are_purged_on_resume(make_cfg, tmp_p
     run_dir = tmp_path / "run"
     train(cfg, run_dir, stop_at=20)
     saved = (run_dir / CHECKPOINT_NAME).read_bytes()
-    train(cfg, run_dir)  # on to step 30, logging 25 and 30, as the killed run did
+    train_again(cfg, run_dir)  # on to step 30, logging 25 and 30, as the killed run did
     (run_dir / CHECKPOINT_NAME).write_bytes(saved)  # ... before it could finish
-    resumed = train(cfg, run_dir)
+    resumed = train_again(cfg, run_dir)
     assert resumed.status == "ok"
     assert steps_logged(run_dir) == [0, 5, 10, 15, 20, 25, 30]
 
