@@ -32,7 +32,6 @@ from randfeat_torch.config import RELU_SUM_TARGETS
 from randfeat_torch.models import LinearizedNet, TwoLayerNet
 from randfeat_torch.ridge import mirror_lower, solve_psd
 from randfeat_torch.targets import (
-    INV_SQRT_2PI,
     HermitePolynomial,
     Parity,
     ReluNeuron,
@@ -242,7 +241,7 @@ def _gaussian_trapezoid(lo: float, hi: float, points: int) -> tuple[torch.Tensor
     if not (lo < hi and points >= 2):
         raise ValueError(f"need lo < hi and points >= 2, got lo={lo}, hi={hi}, points={points}")
     nodes = torch.linspace(lo, hi, points, dtype=torch.float64)
-    weights = (hi - lo) / (points - 1) * INV_SQRT_2PI * torch.exp(-0.5 * nodes * nodes)
+    weights = (hi - lo) / (points - 1) * normal_pdf(nodes)
     weights[0] *= 0.5
     weights[-1] *= 0.5
     return nodes, weights

@@ -180,15 +180,16 @@ def closed_form_vs_sgd(ours: Trainer, quick: bool, repeats: int) -> dict[str, di
         "closed_form_sampled": ["optimizer=ridge", f"n_train={4000 if quick else 40000}"],
     }
     errors, timing = {}, {}
+
+    def probe_rate() -> float:
+        return ours.run(*common, "steps=100", "eval_every=100").steps_per_s
+
     for name, overrides in fits.items():
 
         def fit_rate(overrides: list[str] = overrides, name: str = name) -> float:
             result = ours.run(*common, *overrides)
             errors[name] = result.test_error  # the same every time: fixed seeds
             return result.steps_per_s  # the fit is one "step"
-
-        def probe_rate() -> float:
-            return ours.run(*common, "steps=100", "eval_every=100").steps_per_s
 
         timing[name] = interleaved(probe_rate, fit_rate, repeats)
     fit_s = {name: 1 / t["ours"] for name, t in timing.items()}
