@@ -24,22 +24,43 @@ import pandas as pd
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from randfeat_torch.record import METRICS, RECORD_NAME
+from randfeat_torch.record import METRICS, NOT_IN_FINGERPRINT, RECORD_NAME
+from randfeat_torch.stats import fit_growth, mean_interval, width_to_reach
 
 GROUPS = ("experiment", "fit", "model", "optimizer", "target", "input")
 TABLE_NAME, SUMMARY_NAME, TENSORBOARD_DIR = "results.csv", "summary.txt", "aggregate"
+WIDTH_NEEDED_NAME, GROWTH_NAME = "width_needed.csv", "width_growth.csv"
+THRESHOLDS = (0.5, 0.3, 0.1)  # errors at which the width needed is read off the width paths
+SEED_KEYS = ("seed", "data_seed")  # what a sweep over seeds changes; the rest names the network
 THEORY_LINES = {"theory.best_degree_1": "best linear", "theory.best_degree_2": "best quadratic"}
 
 
 @dataclass
+class Records:
+    """What the records of a sweep hold: ``table`` (one row per run and replica), ``problems``
+    (one row per run that is not usable, and per duplicated network), and the width paths:
+    ``paths`` (one row per run, replica and recorded width) and ``solved`` (one row per run,
+    replica and solved width, with the test error and the output-weight norms)."""
+
+    table: pd.DataFrame
+    problems: pd.DataFrame
+    paths: pd.DataFrame
+    solved: pd.DataFrame
+
+
+@dataclass
 class Aggregate:
-    """The table (one row per run and replica), the runs that are not usable, and outputs."""
+    """The table (one row per run and replica), the runs that are not usable, the width paths,
+    the width needed and its growth laws (empty without width paths), and outputs."""
 
     table: pd.DataFrame
     problems: pd.DataFrame
     swept: list[str]
     summary: str
     figures: dict[str, Path]
+    paths: pd.DataFrame
+    needed: pd.DataFrame
+    growth: pd.DataFrame
 
 
 def _flatten(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -82,9 +103,38 @@ def expected_jobs(root: Path) -> int | None:
     return count
 
 
-def read_records(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(table: one row per run and replica, problems: one row per run that is not ``ok``)."""
-    rows, problems = [], []
+def _network_key(config: dict[str, Any], seed: int) -> str:
+    """What makes a network and its fit: the config without the seeds and the keys that do not
+    change results, and the replica's own seed."""
+    kept = {k: v for k, v in config.items() if k not in (*SEED_KEYS, *NOT_IN_FINGERPRINT)}
+    return json.dumps([kept, seed], sort_keys=True, default=str)
+
+
+def _path_rows(path: dict[str, Any], r: int, row: dict[str, Any]) -> tuple[list, list]:
+    """Rows of one replica's width path: (recorded widths, solved widths)."""
+    pick = (lambda v: v[r]) if isinstance(path["error"][0], list) else (lambda v: v)
+    base = {k: row[k] for k in ("run", "replica", "replica_seed", "d")}
+    base["kind"] = path.get("kind")
+    curve = [
+        {**base, "width": w, "error": e}
+        for w, e in zip(path["widths"], pick(path["error"]), strict=True)
+    ]
+    solved = path["solved"]
+    names = [k for k in solved if k != "widths"]
+    columns = [pick(solved[k]) for k in names]
+    points = [
+        {**base, "width": w, **dict(zip(names, values, strict=True))}
+        for w, *values in zip(solved["widths"], *columns, strict=True)
+    ]
+    return curve, points
+
+
+def read_records(root: Path) -> Records:
+    """Every record under ``root`` (see :class:`Records`). A network that two finished runs
+    trained (the same config and replica seed, as overlapping seed sweeps give) counts once:
+    later copies are listed in ``problems`` as ``duplicate`` and left out of the table."""
+    rows, problems, curves, points = [], [], [], []
+    seen: dict[str, str] = {}
     job_dirs = _job_dirs(root)
     for job_dir in job_dirs:
         run = str(job_dir.relative_to(root))
@@ -104,23 +154,47 @@ def read_records(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         choices = record.get("choices") or {}
         metrics = record.get("metrics") or {}
         theory = record.get("theory") or {}
-        for r in range(int(config.get("replicas", 1))):
+        replicas = int(config.get("replicas", 1))
+        # Records before replica_seeds was written used seed + r.
+        seeds = record.get("replica_seeds") or [config.get("seed", 0) + r for r in range(replicas)]
+        for r in range(replicas):
+            key = _network_key(record.get("config") or {}, seeds[r])
+            if status == "ok" and key in seen:
+                problems.append(
+                    {
+                        "run": run,
+                        "status": "duplicate",
+                        "error": f"replica {r} (seed {seeds[r]}) is the network of {seen[key]}",
+                    }
+                )
+                continue
+            if status == "ok":
+                seen[key] = f"{run} replica {r}"
             row = {"run": run, "replica": r, "status": status, **config}
             row.update({g: choices.get(g, config.get(f"{g}.name")) for g in GROUPS})
-            row["replica_seed"] = config.get("seed", 0) + r
+            row["replica_seed"] = seeds[r]
             if isinstance(config.get("optimizer.lr"), tuple):  # one rate per replica
                 row["optimizer.lr"] = config["optimizer.lr"][r]
             row.update({m: _replica_value(metrics.get(m), r) for m in METRICS})
             row.update({f"theory.{k}": _replica_value(v, r) for k, v in theory.items()})
             row["wall_time_s"] = record.get("wall_time_s")
             rows.append(row)
+            if status == "ok" and record.get("width_path"):
+                curve, solved = _path_rows(record["width_path"], r, row)
+                curves += curve
+                points += solved
     expected = expected_jobs(root)
     if expected is not None and expected > len(job_dirs):
         never = expected - len(job_dirs)
         problems.append(
             {"run": "-", "status": "missing", "error": f"{never} of {expected} jobs never started"}
         )
-    return pd.DataFrame(rows), pd.DataFrame(problems, columns=["run", "status", "error"])
+    return Records(
+        pd.DataFrame(rows),
+        pd.DataFrame(problems, columns=["run", "status", "error"]),
+        pd.DataFrame(curves),
+        pd.DataFrame(points),
+    )
 
 
 def swept_keys(table: pd.DataFrame) -> list[str]:
@@ -148,27 +222,18 @@ def _label(table: pd.DataFrame) -> pd.Series:
     return table[parts].astype(str).agg(" / ".join, axis=1)
 
 
-def _stats(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Mean, min and max of the test error over seeds and replicas at each point."""
-    grouped = frame.groupby(keys, sort=True)["test_error"]
-    return grouped.agg(["mean", "min", "max", "count"]).reset_index()
-
-
-def width_to_reach(widths: np.ndarray, errors: np.ndarray, eps: float) -> float:
-    """The width at which the error first falls to eps, interpolated in log-log; NaN if never."""
-    order = np.argsort(widths)
-    widths, errors = widths[order], errors[order]
-    if errors[0] <= eps:
-        return float(widths[0])
-    for i in range(1, len(widths)):
-        if errors[i] <= eps:
-            t = (math.log(eps) - math.log(errors[i - 1])) / (
-                math.log(errors[i]) - math.log(errors[i - 1])
-            )
-            return float(
-                math.exp(math.log(widths[i - 1]) + t * math.log(widths[i] / widths[i - 1]))
-            )
-    return float("nan")
+def _stats(frame: pd.DataFrame, keys: list[str], column: str = "test_error") -> pd.DataFrame:
+    """Mean and 95% Student-t interval of ``column`` over seeds and replicas (independent
+    networks) at each point, and the count; NaN bounds where a point has one value."""
+    rows = []
+    for point, group in frame.groupby(keys, sort=True):
+        mean, low, high = mean_interval(group[column].to_numpy(float))
+        values = point if isinstance(point, tuple) else (point,)
+        rows.append(
+            {**dict(zip(keys, values, strict=True)), "mean": mean, "low": low, "high": high}
+            | {"count": len(group)}
+        )
+    return pd.DataFrame(rows, columns=[*keys, "mean", "low", "high", "count"])
 
 
 def _panels(n: int, title: str) -> tuple[plt.Figure, list[plt.Axes]]:
@@ -176,6 +241,8 @@ def _panels(n: int, title: str) -> tuple[plt.Figure, list[plt.Axes]]:
         1, n, figsize=(4.2 * n, 3.6), squeeze=False, sharey=True, layout="constrained"
     )
     fig.suptitle(title)
+    for ax in axes[0]:
+        ax.set_yscale("log")  # every panel plot here: errors and widths span decades
     return fig, list(axes[0])
 
 
@@ -206,11 +273,22 @@ def _plain_ticks(ax: plt.Axes, values: list[float]) -> None:
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
 
 
-def _line_with_band(ax: plt.Axes, frame: pd.DataFrame, x: str, color: str, label: str) -> None:
-    """The mean test error against ``x``, and its min-max band over seeds and replicas."""
-    s = _stats(frame, [x])
-    ax.plot(s[x], s["mean"], "o-", color=color, label=label)
-    ax.fill_between(s[x], s["min"], s["max"], color=color, alpha=0.2)
+def _line_with_band(
+    ax: plt.Axes,
+    frame: pd.DataFrame,
+    x: str,
+    color: str,
+    label: str,
+    column: str = "test_error",
+    style: str = "o-",
+) -> None:
+    """The mean of ``column`` against ``x``, and its 95% interval over seeds and replicas as
+    a band (none where a point has one value)."""
+    s = _stats(frame, [x], column)
+    ax.plot(s[x], s["mean"], style, color=color, label=label)
+    # A log axis cannot show a band reaching zero or below: cut it at a tenth of the mean.
+    low = np.maximum(s["low"], s["mean"] / 10) if ax.get_yscale() == "log" else s["low"]
+    ax.fill_between(s[x], low, s["high"], color=color, alpha=0.2)
 
 
 def _exact_rf_points(ax: plt.Axes, frame: pd.DataFrame, x: str, color: str) -> None:
@@ -300,10 +378,250 @@ def plot_width_needed(needed: pd.DataFrame, eps: float) -> plt.Figure | None:
     return fig
 
 
+def seed_widths(paths: pd.DataFrame, thresholds: tuple[float, ...] = THRESHOLDS) -> pd.DataFrame:
+    """The width needed per seed: one row per (label, d, threshold, replica seed), read off
+    that network's width path by :func:`~randfeat_torch.stats.width_to_reach` (NaN: not
+    reached by its largest width, ``n_max``)."""
+    rows = []
+    for (label, d, seed), curve in paths.groupby(["label", "d", "replica_seed"], sort=True):
+        widths, errors = curve["width"].to_numpy(float), curve["error"].to_numpy(float)
+        for eps in thresholds:
+            rows.append(
+                {"label": label, "d": d, "threshold": eps, "replica_seed": seed}
+                | {"width_needed": width_to_reach(widths, errors, eps), "n_max": widths.max()}
+            )
+    return pd.DataFrame(rows)
+
+
+def width_needed_table(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """One row per (label, d, threshold): the width needed by each seed (``>N`` where it was
+    not reached by N = n_max), the median over seeds (a seed that did not reach counts as
+    above every width; NaN when the median is such a seed), and, when every seed reached, the
+    geometric mean with its 95% Student-t interval over seeds (on log width)."""
+    rows = []
+    for (label, d, eps), group in per_seed.groupby(["label", "d", "threshold"], sort=True):
+        widths, n_max = group["width_needed"].to_numpy(float), int(group["n_max"].max())
+        reached = np.isfinite(widths)
+        median = float(np.median(np.where(reached, widths, np.inf)))
+        mean, low, high = mean_interval(np.log(widths)) if reached.all() else (math.nan,) * 3
+        missed = int((~reached).sum())
+        status = "reached" if not missed else f"not reached by N_max={n_max} in {missed} seeds"
+        shown = [f"{w:.4g}" if ok else f">{n_max}" for w, ok in zip(widths, reached, strict=True)]
+        rows.append(
+            {"label": label, "d": d, "threshold": eps, "seeds": len(widths)}
+            | {"reached": int(reached.sum()), "width_per_seed": ";".join(shown)}
+            | {"median": median if math.isfinite(median) else math.nan}
+            | {"geo_mean": math.exp(mean), "ci95_low": math.exp(low), "ci95_high": math.exp(high)}
+            | {"n_max": n_max, "status": status}
+        )
+    return pd.DataFrame(rows)
+
+
+GROWTH_LAWS = ("exponential", "polynomial")  # log N = a + b d; log N = a + k log d
+
+
+def growth_table(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """The two growth laws fitted to the width needed against d, per (label, threshold): one
+    row per law, over every seed's point at the d where all seeds reached the threshold (the
+    others are counted in ``d_not_reached``), with ``better`` naming the law of the smaller
+    residual sum of squares in log width (both laws have two parameters)."""
+    rows = []
+    for (label, eps), group in per_seed.groupby(["label", "threshold"], sort=True):
+        complete = group.groupby("d")["width_needed"].transform(lambda w: np.isfinite(w).all())
+        used = group[complete.astype(bool)]
+        fits = [fit_growth(used["d"], used["width_needed"], law) for law in GROWTH_LAWS]
+        if any(fit is None for fit in fits):
+            continue
+        better = min(fits, key=lambda fit: fit.rss).law
+        for fit in fits:
+            rows.append(
+                {"label": label, "threshold": eps, "law": fit.law, "slope": fit.slope}
+                | {"slope_low": fit.slope_low, "slope_high": fit.slope_high}
+                | {"intercept": fit.intercept, "rss": fit.rss, "rms_log_width": fit.rms}
+                | {"points": fit.points, "d_min": used["d"].min(), "d_max": used["d"].max()}
+                | {"d_not_reached": int(group.loc[~complete.astype(bool), "d"].nunique())}
+                | {"better": better}
+            )
+    return pd.DataFrame(rows)
+
+
+def plot_width_needed_vs_d(needed: pd.DataFrame, growth: pd.DataFrame) -> plt.Figure | None:
+    """log width needed against d (log-linear), a panel per threshold, a line per method: the
+    geometric mean over seeds with its 95% interval as error bars (the median where some seeds
+    did not reach), a triangle at N_max where the median seed did not reach, and the two fitted
+    laws (solid: exponential, dashed: polynomial)."""
+    if needed.empty or needed["d"].nunique() < 2:
+        return None
+    thresholds = sorted(needed["threshold"].unique(), reverse=True)
+    fig, axes = _panels(len(thresholds), "width needed against d (95% interval over seeds)")
+    for ax, eps in zip(axes, thresholds, strict=True):
+        for i, (label, frame) in enumerate(needed[needed["threshold"] == eps].groupby("label")):
+            color = f"C{i}"
+            reached = frame[frame["median"].notna()]
+            # The geometric mean and its interval where every seed reached, else the median.
+            centre = reached["geo_mean"].fillna(reached["median"])
+            below = (centre - reached["ci95_low"]).clip(lower=0).fillna(0)
+            above = (reached["ci95_high"] - centre).clip(lower=0).fillna(0)
+            ax.errorbar(
+                reached["d"],
+                centre,
+                yerr=[below, above],
+                fmt="o",
+                color=color,
+                ms=4,
+                capsize=2,
+                label=label,
+            )
+            missing = frame[frame["median"].isna()]
+            ax.plot(missing["d"], missing["n_max"], "^", color=color, mfc="none", ms=6)
+            if growth.empty:
+                continue
+            fits = growth[(growth["label"] == label) & (growth["threshold"] == eps)]
+            for fit in fits.itertuples():
+                d = np.linspace(fit.d_min, fit.d_max, 50)
+                x = d if fit.law == "exponential" else np.log(d)
+                style = "-" if fit.law == "exponential" else "--"
+                ax.plot(d, np.exp(fit.intercept + fit.slope * x), style, color=color, lw=0.8)
+        ax.set_title(f"error <= {eps:g} (triangles: not reached by N_max)", fontsize=8)
+        ax.set_xlabel("d")
+        ax.legend(fontsize=6)
+    axes[0].set_ylabel("width needed (solid: exp fit, dashed: poly fit)")
+    return fig
+
+
+def plot_width_path(paths: pd.DataFrame) -> plt.Figure:
+    """The error at every width from the width paths (log-log): a panel per method, a line
+    per d, the band over seeds."""
+    labels = sorted(paths["label"].unique())
+    fig, axes = _panels(len(labels), "error at every width (width path)")
+    for ax, label in zip(axes, labels, strict=True):
+        frame = paths[paths["label"] == label]
+        for i, (d, by_d) in enumerate(frame.groupby("d")):
+            _line_with_band(ax, by_d, "width", f"C{i % 10}", f"d={d}", "error", "-")
+        ax.set_xscale("log")
+        ax.set_title(label, fontsize=8)
+        ax.set_xlabel("width")
+        ax.legend(fontsize=5, ncol=2)
+    axes[0].set_ylabel(f"normalised {paths['kind'].iloc[0]} error")
+    return fig
+
+
+NET_VS_RF_WIDTHS = (256, 1024, 4096, 16384)  # random-features widths drawn beside the net
+
+
+def best_rates(trained: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the best learning rate of each method at each (target, d): the rate of the
+    lowest mean test error over seeds (every rate where the runs have none)."""
+    if "optimizer.lr" not in trained or trained["optimizer.lr"].nunique() < 2:
+        return trained
+    keys = ["fit", "target", "d"]
+    means = trained.groupby([*keys, "optimizer.lr"])["test_error"].mean().reset_index()
+    best = means.loc[means.groupby(keys)["test_error"].idxmin(), [*keys, "optimizer.lr"]]
+    return trained.merge(best, on=[*keys, "optimizer.lr"])
+
+
+def trained_table(ok: pd.DataFrame, paths: pd.DataFrame) -> pd.DataFrame:
+    """The trained methods of a sweep with width paths (the runs without one) at their best
+    rate: mean test error and 95% interval over seeds per (fit, target, d)."""
+    trained = best_rates(ok[~ok["run"].isin(paths["run"])])
+    if trained.empty:
+        return pd.DataFrame()
+    keys = [k for k in ("fit", "target", "d", "width", "optimizer.lr") if k in trained]
+    return _stats(trained, keys)
+
+
+def plot_net_vs_rf(ok: pd.DataFrame, paths: pd.DataFrame) -> plt.Figure | None:
+    """Error against d per target: each trained method of the sweep (runs without a width path,
+    test error, at its best rate) beside random features at a few widths (the error of the
+    width paths), mean and 95% interval over seeds."""
+    trained = best_rates(ok[~ok["run"].isin(paths["run"])])
+    if trained.empty:
+        return None
+    targets = sorted(ok["target"].astype(str).unique())
+    fig, axes = _panels(len(targets), "trained net against random features")
+    for ax, target in zip(axes, targets, strict=True):
+        rf = paths[paths["target"].astype(str) == target]
+        shown = [w for w in NET_VS_RF_WIDTHS if not rf.empty and w <= rf["width"].max()]
+        for i, width in enumerate(shown):
+            nearest = rf["width"].iloc[int((rf["width"] - width).abs().argmin())]
+            at = rf[rf["width"] == nearest]
+            _line_with_band(ax, at, "d", f"C{i}", f"RF width {nearest}", "error")
+        methods = trained[trained["target"].astype(str) == target].groupby("fit")
+        for j, (method, frame) in enumerate(methods):
+            width = "/".join(str(w) for w in sorted(frame["width"].unique()))
+            color = f"C{len(NET_VS_RF_WIDTHS) + j}"
+            _line_with_band(ax, frame, "d", color, f"{method} (width {width}, best rate)")
+        ax.set_title(target, fontsize=8)
+        ax.set_xlabel("d")
+        ax.legend(fontsize=5)
+    axes[0].set_ylabel("normalised error")
+    return fig
+
+
+def plot_error_vs_weight_norm(solved: pd.DataFrame) -> plt.Figure:
+    """The error against width * max |u| (the quantity the bound of Yehudai & Shamir is on),
+    log-log, at the solved widths of the width paths: a panel per method, a line per d."""
+    labels = sorted(solved["label"].unique())
+    fig, axes = _panels(len(labels), "error against width x max |u| (output weights)")
+    for ax, label in zip(axes, labels, strict=True):
+        frame = solved[solved["label"] == label]
+        for i, (d, by_d) in enumerate(frame.groupby("d")):
+            mean = by_d.groupby("width")[["width_times_u_max_abs", "error"]].mean()
+            ax.plot(mean.iloc[:, 0], mean.iloc[:, 1], ".-", color=f"C{i % 10}", label=f"d={d}")
+        ax.set_xscale("log")
+        ax.set_title(label, fontsize=8)
+        ax.set_xlabel("width x max |u|")
+        ax.legend(fontsize=5, ncol=2)
+    axes[0].set_ylabel("normalised error")
+    return fig
+
+
+def summarise_growth(
+    needed: pd.DataFrame, growth: pd.DataFrame, trained: pd.DataFrame
+) -> list[str]:
+    """Summary lines of the width needed, of the two growth laws and of the trained methods."""
+    if needed.empty:
+        return []
+    lines = []
+    if not trained.empty:
+        lines.append("trained methods at their best rate: test error, 95% interval over seeds:")
+        lines.append(trained.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    lines += ["width needed (from the width paths): per seed, median, 95% interval over seeds:"]
+    shown = needed.drop(columns=["n_max", "geo_mean", "seeds"])
+    lines.append(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if growth.empty:
+        lines.append("growth laws: too few d reached a threshold to fit (three points needed)")
+        return lines
+    lines.append("growth of the width needed with d (least squares on log N, every seed's point):")
+    for (label, eps), fits in growth.groupby(["label", "threshold"], sort=True):
+        parts = []
+        for fit in fits.itertuples():
+            law = "log N = a + b d" if fit.law == "exponential" else "log N = a + k log d"
+            name = "b" if fit.law == "exponential" else "k"
+            parts.append(
+                f"{law}: {name} = {fit.slope:.3g} [{fit.slope_low:.3g}, {fit.slope_high:.3g}], "
+                f"rms residual {fit.rms_log_width:.3g}"
+            )
+        first = fits.iloc[0]
+        lines.append(
+            f"  {label}, error <= {eps:g}, d = {first.d_min:g}..{first.d_max:g} "
+            f"({first.d_not_reached} d not reached by every seed, left out): "
+            + "; ".join(parts)
+            + f"; {first.better} fits better"
+        )
+    return lines
+
+
 def summarise(
-    table: pd.DataFrame, problems: pd.DataFrame, swept: list[str], needed: pd.DataFrame, eps: float
+    table: pd.DataFrame,
+    problems: pd.DataFrame,
+    swept: list[str],
+    needed: pd.DataFrame,
+    eps: float,
+    growth_lines: list[str],
 ) -> str:
-    """A short text report: counts by status, the unusable runs, the mean error per point."""
+    """A short text report: counts by status, the unusable runs, the mean error per point with
+    its 95% interval, the width needed."""
     runs = table.drop_duplicates("run") if not table.empty else table
     counts = runs["status"].value_counts().to_dict() if not runs.empty else {}
     lines = [f"runs with a record: {len(runs)}; by status: {counts or 'none'}"]
@@ -315,27 +633,36 @@ def summarise(
     if not ok.empty:
         # The label, d, width and the free sweep variables; keys inside a group follow its pick.
         own = [k for k in swept if k not in GROUPS and k.split(".")[0] not in GROUPS]
-        keys = list(dict.fromkeys(k for k in ["label", "d", "width", *own] if k in ok))
-        stats = ok.groupby(keys, dropna=False)["test_error"].agg(["mean", "std", "count"])
-        lines.append("mean normalised test error (std over seeds and replicas):")
+        own = [k for k in own if k not in (*SEED_KEYS, "replicas")]  # intervals span seeds
+        rates = ["optimizer.lr"] if "optimizer.lr" in swept else []
+        keys = list(dict.fromkeys(k for k in ["label", "d", "width", *own, *rates] if k in ok))
+        stats = _stats(ok.fillna({k: "-" for k in rates}), keys).set_index(keys)
+        lines.append(
+            "mean normalised test error, 95% interval [low, high] over seeds and replicas:"
+        )
         lines.append(stats.to_string(float_format=lambda v: f"{v:.4g}"))
     if not needed.empty:
         lines.append(f"width needed for test error <= {eps:g} (NaN: not reached in the sweep):")
         lines.append(needed.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, *growth_lines]) + "\n"
 
 
 def aggregate(root: Path | str, eps: float = 0.1, out: Path | str | None = None) -> Aggregate:
     """Read every record under ``root``; write results.csv, summary.txt and the PNG plots to
     ``out`` (default: ``root``), and the plots as images to the TensorBoard run
-    ``root/aggregate``."""
+    ``root/aggregate``. Where runs have width paths, also width_needed.csv (at the
+    THRESHOLDS) and width_growth.csv (the two growth laws), and their plots; the width needed
+    then comes from the paths instead of the swept widths."""
     root = Path(root)
     out = Path(out) if out is not None else root
     out.mkdir(parents=True, exist_ok=True)
-    table, problems = read_records(root)
+    records = read_records(root)
+    table, problems = records.table, records.problems
     swept = swept_keys(table) if not table.empty else []
     figures: dict[str, Path] = {}
     needed = pd.DataFrame(columns=["label", "d", "width_needed"])
+    paths, path_needed, growth = pd.DataFrame(), pd.DataFrame(), pd.DataFrame()
+    trained = pd.DataFrame()
     if not table.empty:
         table["label"] = _label(table)
         columns = ["run", "replica", "status", "label", *GROUPS, *swept, "d", "width"]
@@ -344,17 +671,33 @@ def aggregate(root: Path | str, eps: float = 0.1, out: Path | str | None = None)
         table = table[list(dict.fromkeys(c for c in columns if c in table))]
         table.to_csv(out / TABLE_NAME, index=False)
         ok = table[(table["status"] == "ok") & np.isfinite(table["test_error"])]
-        if not ok.empty:
-            needed = width_needed(ok, eps) if ok["width"].nunique() > 1 else needed
-            plots = {
-                "error_vs_width": plot_error_vs_width(ok),
-                "error_vs_d": plot_error_vs_d(ok),
-                "width_needed": plot_width_needed(needed, eps),
+        plots: dict[str, plt.Figure | None] = {}
+        if not records.paths.empty:
+            names = table[["run", "replica", "label", "target"]]
+            paths = records.paths.merge(names, on=["run", "replica"])
+            solved = records.solved.merge(names, on=["run", "replica"])
+            per_seed = seed_widths(paths)
+            path_needed, growth = width_needed_table(per_seed), growth_table(per_seed)
+            trained = trained_table(ok, paths)
+            path_needed.to_csv(out / WIDTH_NEEDED_NAME, index=False)
+            growth.to_csv(out / GROWTH_NAME, index=False)
+            plots |= {
+                "width_needed": plot_width_needed_vs_d(path_needed, growth),
+                "width_path": plot_width_path(paths),
+                "net_vs_rf": plot_net_vs_rf(ok, paths),
+                "error_vs_weight_norm": plot_error_vs_weight_norm(solved),
             }
-            figures = _save_figures({k: v for k, v in plots.items() if v is not None}, out, root)
-    summary = summarise(table, problems, swept, needed, eps)
+        elif not ok.empty and ok["width"].nunique() > 1:
+            needed = width_needed(ok, eps)
+            plots["width_needed"] = plot_width_needed(needed, eps)
+        if not ok.empty:
+            plots |= {"error_vs_width": plot_error_vs_width(ok), "error_vs_d": plot_error_vs_d(ok)}
+        figures = _save_figures({k: v for k, v in plots.items() if v is not None}, out, root)
+    summary = summarise(
+        table, problems, swept, needed, eps, summarise_growth(path_needed, growth, trained)
+    )
     (out / SUMMARY_NAME).write_text(summary)
-    return Aggregate(table, problems, swept, summary, figures)
+    return Aggregate(table, problems, swept, summary, figures, paths, path_needed, growth)
 
 
 def _save_figures(figs: dict[str, plt.Figure], out: Path, root: Path) -> dict[str, Path]:

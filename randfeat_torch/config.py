@@ -32,6 +32,7 @@ BACKWARDS = ("analytic", "autograd")
 INPUTS = ("gaussian", "sphere", "hypercube")
 TARGETS = ("relu_neuron", "polynomial", "zigzag", "parity")
 OPTIMIZERS = ("sgd", "adam", "ridge")
+PENALTY_SCALES = ("relative", "absolute")
 RELU_SUM_TARGETS = ("relu_neuron", "zigzag")  # targets whose Gaussian moments theory has exactly
 RIDGE_MEMORY_FRACTION = 0.5  # of the free memory that the ridge Gram matrices may take
 
@@ -154,9 +155,14 @@ class RidgeConfig:
     """Closed-form least squares for the output layer of a frozen or linearized model."""
 
     name: str = "ridge"
-    penalty: float = 1e-8
+    penalty: Any = 1e-8  # a number; a list (the penalty path; the first is the fit); or "gcv"
+    penalty_scale: str = "relative"  # relative: times the features' mean variance; absolute
+    gcv_penalties: list[float] = field(
+        default_factory=lambda: [10.0**k for k in range(-8, 3)]
+    )  # the path that penalty=gcv picks from
     chunk_size: int | None = None
     population: bool = False  # fit the exact population moments (no samples); see theory
+    width_path: bool = False  # the error at every prefix width from one factorisation
 
 
 @dataclass
@@ -479,7 +485,10 @@ def _validate_ridge(cfg: DictConfig) -> None:
             "optimizer=ridge needs a finite training set: set n_train=N, or fit the exact "
             "population with optimizer.population=true",
         )
-    _positive(cfg, "optimizer.penalty", allow_zero=True)
+    _validate_penalty(cfg)
+    _one_of(cfg, "optimizer.penalty_scale", PENALTY_SCALES)
+    if cfg.optimizer.width_path:
+        _validate_width_path(cfg)
     if cfg.optimizer.chunk_size is not None:
         _int_at_least(cfg, "optimizer.chunk_size", 1)
     features = ridge_feature_count(cfg)
@@ -492,6 +501,73 @@ def _validate_ridge(cfg: DictConfig) -> None:
             f"ridge on {features} features x {cfg.replicas} replicas needs about "
             f"{need / 2**30:.1f} GiB for its float64 Gram matrices, more than half of the "
             f"{free / 2**30:.1f} GiB free here; use a smaller width, d or replicas",
+        )
+
+
+def penalty_list(cfg: DictConfig) -> list[float] | None:
+    """The penalties of a penalty path (a list, or the gcv grid), or None for one penalty."""
+    penalty = cfg.optimizer.penalty
+    if penalty == "gcv":
+        return list(cfg.optimizer.gcv_penalties)
+    return list(penalty) if isinstance(penalty, ListConfig) else None
+
+
+def _validate_penalty(cfg: DictConfig) -> None:
+    """A number >= 0, a non-empty list of them (the penalty path), or gcv (sampled fits)."""
+    penalty = cfg.optimizer.penalty
+    if isinstance(penalty, str) and penalty != "gcv":
+        raise ConfigError(
+            "optimizer.penalty", penalty, "must be a number >= 0, a list of them, or gcv"
+        )
+    if penalty == "gcv" and cfg.optimizer.population:
+        raise ConfigError(
+            "optimizer.penalty",
+            "gcv",
+            "cross-validates over samples, but optimizer.population=true fits the population "
+            "(no estimation error to trade against: the smallest penalty is best there)",
+        )
+    if penalty == "gcv":
+        key, values = "optimizer.gcv_penalties", cfg.optimizer.gcv_penalties
+    elif isinstance(penalty, ListConfig):
+        key, values = "optimizer.penalty", penalty
+    else:
+        _positive(cfg, "optimizer.penalty", allow_zero=True)
+        return
+    if len(values) == 0:
+        raise ConfigError(key, [], "a penalty path needs at least one penalty")
+    for i in range(len(values)):
+        _positive(cfg, f"{key}.{i}", allow_zero=True)
+    if cfg.optimizer.width_path:
+        raise ConfigError(
+            "optimizer.penalty",
+            penalty if penalty == "gcv" else list(penalty),
+            "optimizer.width_path=true takes one penalty (a number), not a path",
+        )
+
+
+def _validate_width_path(cfg: DictConfig) -> None:
+    """The width path reads the first P units of a frozen net as a width-P net, with one penalty
+    for every width: a positive absolute one, so that each prefix system is positive definite."""
+    if cfg.model.regime != "frozen":
+        raise ConfigError(
+            "model.regime",
+            cfg.model.regime,
+            "optimizer.width_path=true needs model=frozen: the first P features of a "
+            f"{cfg.model.regime} model are not a model of width P",
+        )
+    if cfg.optimizer.penalty_scale != "absolute":
+        raise ConfigError(
+            "optimizer.penalty_scale",
+            cfg.optimizer.penalty_scale,
+            "optimizer.width_path=true needs one penalty for every width, but a relative "
+            "penalty depends on the width it is taken at: set optimizer.penalty_scale=absolute",
+        )
+    if not cfg.optimizer.penalty > 0:
+        raise ConfigError(
+            "optimizer.penalty",
+            cfg.optimizer.penalty,
+            "optimizer.width_path=true needs a penalty > 0, so that the system is positive "
+            "definite at every width (1e-8 is a good start)",
         )
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from randfeat_torch.targets import make_generator
+from randfeat_torch.targets import make_generator, replica_seed
 
 ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": torch.relu,
@@ -49,7 +49,8 @@ OUTPUT_MULTIPLIERS: dict[str, Callable[[int], float]] = {
 
 class TwoLayerNet(nn.Module):
     """R replicas of a two-layer net; parameters w: (R, width, d), b: (R, width),
-    a: (R, width), c: (R,). Replica r is initialised from seed ``seed + r``."""
+    a: (R, width), c: (R,). Replica r is initialised from ``replica_seed(seed, r)`` (see
+    :func:`randfeat_torch.targets.replica_seed`)."""
 
     def __init__(
         self,
@@ -76,7 +77,7 @@ class TwoLayerNet(nn.Module):
 
         w, b, a = [], [], []
         for r in range(replicas):
-            gen = make_generator(device, seed + r, stream=1)
+            gen = make_generator(device, replica_seed(seed, r), stream=1)
             w_r = torch.randn(width, d, generator=gen, device=device)
             w_r = w_r / w_r.norm(dim=1, keepdim=True) if init == "sphere" else w_r / math.sqrt(d)
             w.append(w_r)

@@ -24,11 +24,12 @@ RECORD_NAME = "metrics.json"
 CHECKPOINT_NAME = "checkpoint.pt"
 # Keys that do not change what a run computes: a checkpoint stays valid across them.
 NOT_IN_FINGERPRINT = ("progress", "aggregate", "checkpoint_every", "resume", "threads")
-METRICS = ("test_error", "test_mse", "train_loss", "train_error")
+METRICS = ("test_error", "test_mse", "train_loss", "train_error", "test_error_sample")
 TAGS = {
     "train_loss": "train/loss",
     "train_error": "train/error",
     "test_error": "test/error",
+    "test_error_sample": "test/error_by_sample_variance",
     "test_mse": "test/mse",
 }
 # TensorBoard's custom-scalars tab: the normalised errors and theory's on one chart.
@@ -191,6 +192,50 @@ class RunRecord:
                 for r, value in enumerate(values):
                     self.writer.add_scalar(f"{TAGS[name]}/replica_{r}", value, step)
         self.writer.flush()
+
+    def _log_curves(self, series: list[tuple[str, list[int], list]]) -> None:
+        """(tag, steps, values per replica or one list) as scalars; nulls are left out."""
+        for tag, steps, values in series:
+            per_replica = values if isinstance(values[0], list) else [values]
+            for r, curve in enumerate(per_replica):
+                name = f"{tag}/replica_{r}" if len(per_replica) > 1 else tag
+                for step, value in zip(steps, curve, strict=True):
+                    if value is not None and math.isfinite(value):
+                        self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def log_width_path(self, path: dict[str, Any]) -> None:
+        """The record's ``width_path`` as curves against width (the step axis is the width):
+        ``width_path/error`` at every recorded width, ``width_path/test_error`` and
+        ``width_path/width_times_u_max_abs`` at the solved ones (``/replica_r`` when R > 1)."""
+        solved = path["solved"]
+        self._log_curves(
+            [
+                ("width_path/error", path["widths"], path["error"]),
+                ("width_path/test_error", solved["widths"], solved["test_error"]),
+                (
+                    "width_path/width_times_u_max_abs",
+                    solved["widths"],
+                    solved["width_times_u_max_abs"],
+                ),
+            ]
+        )
+
+    def log_penalty_path(self, path: dict[str, Any]) -> None:
+        """The record's ``penalty_path`` against the penalty's index k in the list (TensorBoard
+        steps are integers): ``penalty_path/log10_penalty`` gives the penalty at each k."""
+        steps = list(range(len(path["penalties"])))
+        logs = [math.log10(p) if p > 0 else None for p in path["penalties"]]
+        names = [
+            "error",
+            "test_error",
+            "width_times_u_max_abs",
+            *(["gcv"] if "gcv" in path else []),
+        ]
+        self._log_curves(
+            [("penalty_path/log10_penalty", steps, logs)]
+            + [(f"penalty_path/{name}", steps, path[name]) for name in names]
+        )
 
     def checkpoint(self, state: dict[str, Any]) -> None:
         """Write ``checkpoint.pt`` for this run (see :func:`save_checkpoint`)."""

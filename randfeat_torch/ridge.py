@@ -4,17 +4,39 @@ Minimises (1/n) sum_i (y_i - <phi(x_i), beta> - c)^2 + lambda |beta|^2 over beta
 unpenalised output bias c, for every replica at once, in float64. The n training samples are
 drawn and turned into features chunk by chunk, accumulated into the P x P Gram matrix, and
 never held together: memory is O(R P^2), whatever n is.
+
+:func:`width_path` gives the best error at every prefix width P <= N from one factorisation:
+the Cholesky factor of the leading P x P block of a positive definite matrix is the leading
+block of the whole factor.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 CHUNK_ELEMENTS = 2**22  # features held at once (float64: 32 MiB)
 GRAM_BLOCK = 256  # rows of the Gram matrix per matmul; only blocks on or below the diagonal
+
+
+class NotPositiveDefinite(ValueError):
+    """The penalised system has no Cholesky factor, which :func:`width_path` needs."""
+
+
+@dataclass
+class CentredMoments:
+    """What ridge needs of a distribution of (phi, y), sample or population, float64:
+    cov = Cov(phi): (R, P, P) (None where a Cholesky factor of it is at hand already),
+    q = Cov(phi, y): (R, P), mu = E phi: (R, P), and the mean and variance of y: (R,) or ()."""
+
+    cov: torch.Tensor | None
+    q: torch.Tensor
+    mu: torch.Tensor
+    y_mean: torch.Tensor
+    y_var: torch.Tensor
 
 
 @dataclass
@@ -61,18 +83,17 @@ class GramAccumulator:
         self.y_sum += y.sum(dim=1)
         self.y_sq += y.square().sum(dim=1)
 
-    def solve(self, relative_penalty: float) -> RidgeFit:
-        """Centre, add lambda and solve (see :func:`solve_centred`). Works in place on the Gram
-        matrix, so that the solve holds two P x P matrices per replica (the system and its
-        factor); the accumulator is spent afterwards."""
+    def moments(self) -> CentredMoments:
+        """The centred sample moments. Works in place on the Gram matrix, so that a solve holds
+        two P x P matrices per replica (the system and its factor); the accumulator is spent
+        afterwards."""
         n = self.n
         mirror_lower(self.gram)
         mu = self.phi_sum / n  # (R, P)
         y_mean = self.y_sum / n
         cov = self.gram.div_(n).baddbmm_(mu.unsqueeze(2), mu.unsqueeze(1), alpha=-1)  # Cov phi
         q = self.phi_y / n - mu * y_mean.unsqueeze(-1)  # Cov(phi, y)
-        y_var = self.y_sq / n - y_mean.square()
-        return solve_centred(cov, q, mu, y_mean, y_var, relative_penalty)
+        return CentredMoments(cov, q, mu, y_mean, self.y_sq / n - y_mean.square())
 
 
 def mirror_lower(gram: torch.Tensor) -> torch.Tensor:
@@ -85,27 +106,35 @@ def mirror_lower(gram: torch.Tensor) -> torch.Tensor:
     return gram
 
 
-def solve_centred(
-    cov: torch.Tensor,
-    q: torch.Tensor,
-    mu: torch.Tensor,
-    y_mean: torch.Tensor,
-    y_var: torch.Tensor,
-    relative_penalty: float,
-) -> RidgeFit:
-    """Ridge from centred moments, of a sample or of the population: cov = Cov(phi): (R, P, P)
-    (overwritten), q = Cov(phi, y): (R, P), mu = E phi: (R, P), y_mean and y_var: (R,) or ().
-    Adds lambda = relative_penalty * trace(cov) / P and solves (cov + lambda) beta = q; c makes
-    the mean right. The returned MSE is Var y - 2 <beta, q> + beta^T cov beta, on the same
-    distribution as the moments."""
-    diagonal = cov.diagonal(dim1=1, dim2=2)
-    penalty = relative_penalty * diagonal.sum(-1) / cov.shape[-1]
-    diagonal.add_(penalty.unsqueeze(-1))
+def relative_lambda(cov: torch.Tensor, relative_penalty: float) -> torch.Tensor:
+    """lambda = relative_penalty * trace(cov) / P per replica: (R,) (it depends on the width)."""
+    return relative_penalty * cov.diagonal(dim1=1, dim2=2).sum(-1) / cov.shape[-1]
+
+
+def solve_centred(moments: CentredMoments, penalty: torch.Tensor) -> RidgeFit:
+    """Ridge from centred moments (``moments.cov`` is overwritten) with lambda = ``penalty``:
+    (R,). Solves (cov + lambda) beta = q; c makes the mean right. The returned MSE is
+    Var y - 2 <beta, q> + beta^T cov beta, on the same distribution as the moments."""
+    cov, q = moments.cov, moments.q
+    cov.diagonal(dim1=1, dim2=2).add_(penalty.unsqueeze(-1))
     beta, fallback = solve_psd(cov, q)
     quadratic = torch.einsum("rp,rpq,rq->r", beta, cov, beta) - penalty * beta.square().sum(-1)
-    mse = y_var - 2 * (beta * q).sum(-1) + quadratic
-    c = y_mean - (mu * beta).sum(-1)
+    mse = moments.y_var - 2 * (beta * q).sum(-1) + quadratic
+    c = moments.y_mean - (moments.mu * beta).sum(-1)
     return RidgeFit(beta, c, mse.clamp_min(0), penalty, fallback)
+
+
+PIVOT_RCOND = 1e-13  # times P times the largest diagonal entry: the smallest pivot^2 trusted
+
+
+def cholesky_factor(system: torch.Tensor) -> torch.Tensor | None:
+    """The lower Cholesky factor of symmetric (R, P, P) systems, or None unless every replica's
+    exists with all pivots^2 above P * PIVOT_RCOND * its largest diagonal entry."""
+    factor, info = torch.linalg.cholesky_ex(system)
+    pivots = factor.diagonal(dim1=-2, dim2=-1).square().amin(dim=-1)
+    scale = system.diagonal(dim1=-2, dim2=-1).amax(dim=-1)
+    trusted = (info == 0) & (pivots > system.shape[-1] * PIVOT_RCOND * scale)
+    return factor if bool(trusted.all()) else None
 
 
 def solve_psd(system: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -117,18 +146,38 @@ def solve_psd(system: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, bo
     correct for rank-deficient features, where a plain Cholesky (or lstsq's default rcond in
     float32) would silently go wrong. Returns (x, fell_back).
     """
-    rcond = system.shape[-1] * 1e-13
-    factor, info = torch.linalg.cholesky_ex(system)
-    pivots = factor.diagonal(dim1=-2, dim2=-1).square().amin(dim=-1)
-    scale = system.diagonal(dim1=-2, dim2=-1).amax(dim=-1)
-    if bool(((info == 0) & (pivots > rcond * scale)).all()):
+    factor = cholesky_factor(system)
+    if factor is not None:
         # Two triangular solves: 10x faster than cholesky_solve for one right-hand side here.
         half = torch.linalg.solve_triangular(factor, rhs.unsqueeze(-1), upper=False)
         return torch.linalg.solve_triangular(factor.mT, half, upper=True).squeeze(-1), False
+    rcond = system.shape[-1] * PIVOT_RCOND
     eigenvalues, vectors = torch.linalg.eigh(system)
     kept = torch.where(eigenvalues > rcond * eigenvalues[:, -1:], eigenvalues, torch.inf)
     coords = (vectors.transpose(1, 2) @ rhs.unsqueeze(-1)).squeeze(-1) / kept
     return (vectors @ coords.unsqueeze(-1)).squeeze(-1), True
+
+
+def sampled_moments(
+    features: Callable[[torch.Tensor], torch.Tensor],
+    draw: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    n: int,
+    replicas: int,
+    num_features: int,
+    device: torch.device,
+    chunk_size: int | None = None,
+) -> CentredMoments:
+    """The centred moments of n samples from ``draw(m) -> (x, y)``, x: (m, d) and y: (m,) shared
+    by the replicas, or (R, m, d) and (R, m) one sample per replica, in chunks of
+    ``chunk_size`` (default: about CHUNK_ELEMENTS features per chunk); ``features(x) ->
+    (R, m, P)``."""
+    chunk = chunk_size or max(1, CHUNK_ELEMENTS // (replicas * num_features))
+    sums = GramAccumulator(replicas, num_features, device)
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            x, y = draw(min(chunk, n - start))
+            sums.add(features(x), y)
+    return sums.moments()
 
 
 def fit_ridge(
@@ -141,13 +190,124 @@ def fit_ridge(
     device: torch.device,
     chunk_size: int | None = None,
 ) -> RidgeFit:
-    """Ridge on n samples from ``draw(m) -> (x, y)``, x: (m, d) and y: (m,) shared by the
-    replicas, or (R, m, d) and (R, m) one sample per replica, in chunks of ``chunk_size``
-    (default: about CHUNK_ELEMENTS features per chunk); ``features(x) -> (R, m, P)``."""
-    chunk = chunk_size or max(1, CHUNK_ELEMENTS // (replicas * num_features))
-    sums = GramAccumulator(replicas, num_features, device)
-    with torch.no_grad():
-        for start in range(0, n, chunk):
-            x, y = draw(min(chunk, n - start))
-            sums.add(features(x), y)
-    return sums.solve(relative_penalty)
+    """Ridge on n samples (see :func:`sampled_moments`) with the penalty relative to the
+    features' mean variance (:func:`relative_lambda`)."""
+    moments = sampled_moments(features, draw, n, replicas, num_features, device, chunk_size)
+    return solve_centred(moments, relative_lambda(moments.cov, relative_penalty))
+
+
+def path_widths(width: int, ratio: float, dense_below: int = 0) -> list[int]:
+    """Widths 1..width: every one up to ``dense_below``, then a geometric grid of this
+    ``ratio`` (rounded, without repeats), and ``width`` itself."""
+    widths = set(range(1, min(width, dense_below) + 1)) | {width}
+    k = 0
+    while (w := round(ratio**k)) <= width:
+        widths.add(max(1, w))
+        k += 1
+    return sorted(widths)
+
+
+SOLVED_RATIO = math.sqrt(2.0)  # the widths at which the width path solves back for beta
+
+
+@dataclass
+class WidthPath:
+    """Ridge at every prefix width of one draw of features (see :func:`width_path`).
+
+    ``objective``: (R, N), min over beta, c of MSE + lambda |beta|^2 with the first P features,
+    P = 1..N. At the ``widths`` (ratio sqrt 2, and N): the solutions ``beta``: (R, N, G)
+    (zero past P), ``c`` and the MSE without the penalty: (R, G)."""
+
+    objective: torch.Tensor
+    widths: list[int]
+    beta: torch.Tensor
+    c: torch.Tensor
+    mse: torch.Tensor
+    penalty: torch.Tensor
+
+    def fit(self) -> RidgeFit:
+        """The fit with all N features."""
+        return RidgeFit(self.beta[..., -1], self.c[:, -1], self.mse[:, -1], self.penalty, False)
+
+
+def factorise(cov: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """The lower Cholesky factor of cov + lambda: (R, P, P), lambda = ``penalty`` (R,) (cov is
+    overwritten). Raises :class:`NotPositiveDefinite` where the factor is not trusted (see
+    :func:`cholesky_factor`): lambda is too small for this system."""
+    cov.diagonal(dim1=1, dim2=2).add_(penalty.unsqueeze(-1))
+    factor = cholesky_factor(cov)
+    if factor is None:
+        raise NotPositiveDefinite("cov + lambda has no trusted Cholesky factor")
+    return factor
+
+
+def width_path(factor: torch.Tensor, moments: CentredMoments, penalty: torch.Tensor) -> WidthPath:
+    """Ridge with lambda = ``penalty`` (R,), the same at every width, for the first P features,
+    every P <= N, from the one Cholesky factor L of cov + lambda (:func:`factorise`; the
+    moments' cov is not read).
+
+    With z = L^{-1} q, the leading P entries of z are L_P^{-1} q_P, so the penalised objective
+    at width P is Var y - sum_{i <= P} z_i^2 (a cumulative sum); beta_P = L_P^{-T} z_P, one
+    triangular solve per width at which it is wanted (about 2 N^2 flops for all of them)."""
+    z = torch.linalg.solve_triangular(factor, moments.q.unsqueeze(-1), upper=False).squeeze(-1)
+    objective = (moments.y_var.unsqueeze(-1) - z.square().cumsum(-1)).clamp_min(0)
+    widths = path_widths(z.shape[-1], SOLVED_RATIO)
+    beta = z.new_zeros(*z.shape, len(widths))
+    for g, p in enumerate(widths):
+        top = factor[:, :p, :p].mT
+        beta[:, :p, g] = torch.linalg.solve_triangular(top, z[:, :p, None], upper=True)[..., 0]
+    columns = torch.tensor(widths, device=z.device) - 1
+    mse = objective[:, columns] - penalty.unsqueeze(-1) * beta.square().sum(1)
+    c = moments.y_mean.unsqueeze(-1) - torch.einsum("rp,rpg->rg", moments.mu, beta)
+    return WidthPath(objective, widths, beta, c, mse.clamp_min(0), penalty)
+
+
+@dataclass
+class PenaltyPath:
+    """Ridge at each of K penalties (see :func:`penalty_path`): ``penalty``: (R, K) lambda on
+    beta, ``beta``: (R, P, K), ``c`` and ``mse`` (the MSE on the moments' distribution): (R, K),
+    and ``df``: (R, K) the degrees of freedom of the fitted values, 1 + sum_i e_i / (e_i +
+    lambda) over the eigenvalues e_i of cov (the 1: the unpenalised constant)."""
+
+    penalty: torch.Tensor
+    beta: torch.Tensor
+    c: torch.Tensor
+    mse: torch.Tensor
+    df: torch.Tensor
+
+    def gcv(self, n: int) -> torch.Tensor:
+        """Generalised cross-validation on n samples: mse / (1 - df / n)^2, (R, K) (Golub, Heath
+        and Wahba 1979); infinite where df >= n."""
+        left = (1 - self.df / n).clamp_min(0)
+        return torch.where(left > 0, self.mse / left.square(), torch.inf)
+
+    def fit(self, k: torch.Tensor) -> RidgeFit:
+        """The fit at penalty index k: (R,) one index per replica."""
+        rows = torch.arange(self.beta.shape[0], device=k.device)
+        return RidgeFit(
+            self.beta[rows, :, k], self.c[rows, k], self.mse[rows, k], self.penalty[rows, k], False
+        )
+
+
+def penalty_path(moments: CentredMoments, penalties: torch.Tensor) -> PenaltyPath:
+    """Ridge at every penalty (R, K): one :func:`solve_centred` (a Cholesky factorisation, the
+    eigen fallback where singular) per penalty, and the degrees of freedom from the eigenvalues
+    of cov, computed once (no eigenvectors). For 11 penalties at P = 2048 this is faster than
+    one full eigendecomposition (``scripts/bench.py``, ``penalty_path``). Eigenvalues below
+    P * PIVOT_RCOND of the largest count as zero, as the fallback drops them."""
+    fits = [
+        solve_centred(replace(moments, cov=moments.cov.clone()), penalties[:, k])
+        for k in range(penalties.shape[1])
+    ]
+    e = torch.linalg.eigvalsh(moments.cov).unsqueeze(-1)  # (R, P, 1)
+    e = torch.where(e > e.shape[1] * PIVOT_RCOND * e.amax(1, keepdim=True), e, 0.0)
+    lam = penalties.unsqueeze(1)
+    kept = (e + lam) > 0
+    df = 1 + torch.where(kept, e / torch.where(kept, e + lam, 1.0), 0.0).sum(1)
+    return PenaltyPath(
+        penalties,
+        torch.stack([f.beta for f in fits], -1),
+        torch.stack([f.c.expand(penalties.shape[0]) for f in fits], -1),
+        torch.stack([f.train_mse for f in fits], -1),
+        df,
+    )

@@ -22,6 +22,19 @@ def make_generator(device: torch.device, seed: int, stream: int) -> torch.Genera
     return gen
 
 
+# Replica r of seed s is seeded s + r * 2^20. The CPU generator (mt19937) keeps only the low 32
+# bits of its seed, so seeds must differ modulo 2^32: they do for s < 2^20 and r < 2^12.
+REPLICA_SEED_STRIDE = 2**20
+
+
+def replica_seed(seed: int, replica: int) -> int:
+    """The seed of replica ``replica`` of a run with ``seed``: replica 0 is the run's own seed,
+    and a sweep over seeds below 2^20 with fewer than 4096 replicas never gives two replicas
+    one seed (seed + r would: replica 1 of seed 0 is replica 0 of seed 1). Replica r equals the
+    single run with this seed."""
+    return seed + replica * REPLICA_SEED_STRIDE
+
+
 def sample_inputs(
     kind: str,
     n: int,

@@ -128,13 +128,18 @@ def bivariate_normal_cdf(h: torch.Tensor, k: torch.Tensor, rho: torch.Tensor) ->
     """
     h, k, rho = (t.to(torch.float64) for t in (h, k, rho))
     rho = rho.clamp(-1.0, 1.0)
-    # Every entry by the cheapest band first (most at d >> 1; h and k may stay a column and a
-    # row), then the others redone.
-    (_, points), *bands = CORRELATION_BANDS
-    out = _bivariate_cdf_moderate(h, k, rho, points)
-    h, k, rho = torch.broadcast_tensors(h, k, rho)
-    size = rho.abs()
-    below = CORRELATION_BANDS[0][0]
+    (below, points), *bands = CORRELATION_BANDS
+    shape = torch.broadcast_tensors(h, k, rho)[0].shape
+    if rho.shape == shape:  # one rho per entry: each band computes its own entries only
+        h, k = h.expand(shape), k.expand(shape)
+        size = rho.abs()
+        out = torch.empty(shape, dtype=torch.float64, device=rho.device)
+        band = size < below
+        out[band] = _bivariate_cdf_moderate(h[band], k[band], rho[band], points)
+    else:  # every entry by the cheapest band first (h and k may stay a column and a row)
+        out = _bivariate_cdf_moderate(h, k, rho, points)
+        h, k, rho = torch.broadcast_tensors(h, k, rho)
+        size = rho.abs()
     for above, points in bands:
         band = (size >= below) & (size < above)
         out[band] = _bivariate_cdf_moderate(h[band], k[band], rho[band], points)
@@ -341,11 +346,11 @@ def relu_sum(target: Target) -> ReluSum | None:
 @dataclass
 class PopulationMoments:
     """Exact moments of features phi_j = relu(<w_j, x> + b_j) and a target f under
-    x ~ N(0, I_d), float64: mean = E phi: (R, P), cov = Cov(phi): (R, P, P) and
-    cross = Cov(phi, f): (R, P)."""
+    x ~ N(0, I_d), float64: mean = E phi: (R, P), cov = Cov(phi): (R, P, P) (None where only
+    its Cholesky factor is kept, see ``trainer.FactorCache``) and cross = Cov(phi, f): (R, P)."""
 
     mean: torch.Tensor
-    cov: torch.Tensor
+    cov: torch.Tensor | None
     cross: torch.Tensor
 
 
@@ -361,34 +366,44 @@ def _mehler(
     return out.mul_(rho)
 
 
-def relu_population_moments(
-    w: torch.Tensor, b: torch.Tensor | None, target: ReluSum
-) -> PopulationMoments:
-    """The exact population moments of ReLU random features with first layers w: (R, P, d) and
-    hidden biases b: (R, P) or None, against a sum-of-ReLUs target.
+def _units(w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """(norm (R, P), unit rows (R, P, d), bias (R, P), E phi (R, P)) of the units, float64."""
+    if w.dim() != 3:
+        raise ValueError(f"need w (R, width, d), got {tuple(w.shape)}")
+    w = w.detach().to(torch.float64)
+    norm = w.norm(dim=-1)
+    if not bool((norm > 0).all()):
+        raise ValueError("every row of w must be nonzero")
+    bias = torch.zeros_like(norm) if b is None else b.detach().to(torch.float64)
+    return norm, w / norm.unsqueeze(-1), bias, relu_mean(norm, bias)
+
+
+def relu_feature_covariance(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """The exact Cov(phi): (R, P, P) of ReLU random features phi_j = relu(<w_j, x> + b_j) with
+    first layers w: (R, P, d) and hidden biases b: (R, P) or None, under x ~ N(0, I_d).
 
     <w_j, x> + b_j ~ N(b_j, |w_j|^2) with correlation rho_ij = <w_i, w_j> / |w_i| |w_j|
-    between units, so every entry is a :func:`relu_product_mean`. The Gram matrix is filled one
+    between units, so every entry is a :func:`relu_product_mean`. The matrix is filled one
     block of rows at a time, below the diagonal only, and mirrored; its diagonal is E relu^2
     exactly. Where |rho_ij| < MEHLER_CORRELATION (almost every pair at d >> 1), Mehler's formula
     Cov = sum_{k >= 1} c_k(i) c_k(j) rho^k with the units' exact Hermite coefficients is
     cheaper: cut at MEHLER_TERMS, its tail is below |rho|^(MEHLER_TERMS + 1) |c(i)| |c(j)| <= 7e-16
     E relu_i^2 ^ 1/2 E relu_j^2 ^ 1/2 (Cauchy-Schwarz). Costs about 0.1 s at P = 2048 (2
     cores) and no samples."""
-    direction, coef, shift = target.direction, target.coef, target.shift
-    if w.dim() != 3 or direction.shape != (w.shape[-1],):
-        raise ValueError(f"need w (R, width, d) and w* ({w.shape[-1]},), got {tuple(w.shape)}")
-    w = w.detach().to(torch.float64)
-    norm = w.norm(dim=-1)  # (R, P)
-    if not bool((norm > 0).all()):
-        raise ValueError("every row of w must be nonzero")
-    unit = w / norm.unsqueeze(-1)
-    bias = torch.zeros_like(norm) if b is None else b.detach().to(torch.float64)
-    mean = relu_mean(norm, bias)
+    norm, unit, bias, mean = _units(w, b)
     hermite = relu_hermite_coefficients(norm, bias, MEHLER_TERMS)  # (K + 1, R, P)
     cov = torch.empty(*norm.shape, norm.shape[-1], dtype=torch.float64, device=w.device)
     width = norm.shape[-1]
-    far = []  # (replica, row, column, rho) of the pairs Mehler's series leaves to the CDF
+    far: list[tuple[torch.Tensor, ...]] = []  # (replica, row, column, rho) left to the CDF
+
+    def exact_pairs() -> None:
+        """The pairs in ``far`` by the bivariate CDF, into cov; empties ``far``."""
+        r, m, n, rho = (torch.cat(parts) for parts in zip(*far, strict=True))
+        product = relu_product_mean(norm[r, m], bias[r, m], norm[r, n], bias[r, n], rho)
+        cov[r, m, n] = product - mean[r, m] * mean[r, n]
+        far.clear()
+
+    pending = 0  # pairs in far: computed about POPULATION_PAIRS at a time
     for start in range(0, width, POPULATION_ROWS):
         stop = min(width, start + POPULATION_ROWS)
         rows = slice(start, stop)
@@ -397,14 +412,24 @@ def relu_population_moments(
         _mehler(hermite[:, :, rows], hermite[:, :, :stop], rho, out=cov[:, rows, :stop])
         replica, i, j = (rho.abs() >= MEHLER_CORRELATION).nonzero(as_tuple=True)
         far.append((replica, i + start, j, rho[replica, i, j]))
-    replica, i, j, rho = (torch.cat(parts) for parts in zip(*far, strict=True))
-    for part in torch.arange(len(i), device=w.device).split(POPULATION_PAIRS):
-        r, m, n = replica[part], i[part], j[part]
-        product = relu_product_mean(norm[r, m], bias[r, m], norm[r, n], bias[r, n], rho[part])
-        cov[r, m, n] = product - mean[r, m] * mean[r, n]
+        pending += len(i)
+        if pending >= POPULATION_PAIRS or stop == width:
+            exact_pairs()
+            pending = 0
     mirror_lower(cov)
     cov.diagonal(dim1=1, dim2=2).copy_(relu_square_mean(norm, bias) - mean.square())
+    return cov
 
+
+def relu_cross_moments(
+    w: torch.Tensor, b: torch.Tensor | None, target: ReluSum
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E phi, Cov(phi, f)), each (R, P), of the ReLU random features of
+    :func:`relu_feature_covariance` and a sum-of-ReLUs target, exactly. Costs O(R P terms)."""
+    norm, unit, bias, mean = _units(w, b)
+    direction, coef, shift = target.direction, target.coef, target.shift
+    if direction.shape != (w.shape[-1],):
+        raise ValueError(f"need w* ({w.shape[-1]},), got {tuple(direction.shape)}")
     direction = direction.to(w.device, torch.float64)
     target_norm = direction.norm().expand(1)
     rho = (unit @ (direction / target_norm)).unsqueeze(-1)  # (R, P, 1)
@@ -414,7 +439,17 @@ def relu_population_moments(
         c, t = coef[start : start + POPULATION_TERMS], shift[start : start + POPULATION_TERMS]
         product = relu_product_mean(norm.unsqueeze(-1), bias.unsqueeze(-1), target_norm, t, rho)
         cross += (product - mean.unsqueeze(-1) * relu_mean(target_norm, t)) @ c
-    return PopulationMoments(mean, cov, cross)
+    return mean, cross
+
+
+def relu_population_moments(
+    w: torch.Tensor, b: torch.Tensor | None, target: ReluSum
+) -> PopulationMoments:
+    """The exact population moments of ReLU random features with first layers w: (R, P, d) and
+    hidden biases b: (R, P) or None, against a sum-of-ReLUs target: the population Gram matrix
+    (:func:`relu_feature_covariance`) and :func:`relu_cross_moments`, with no samples."""
+    mean, cross = relu_cross_moments(w, b, target)
+    return PopulationMoments(mean, relu_feature_covariance(w, b), cross)
 
 
 def population_error(moments: PopulationMoments, variance: float) -> torch.Tensor:
@@ -448,6 +483,16 @@ def population_moments_apply(
     )
 
 
+def exact_variance(target: Target, inputs: str) -> float | None:
+    """Var f under the named inputs where it is known in closed form (or by the 1D quadrature
+    of a zigzag, to ~1e-10), else None."""
+    if inputs not in target.exact_under:
+        return None
+    if isinstance(target, Zigzag):
+        return moments_1d(lambda z: zigzag(target.norm * z, target.a))[1]
+    return target.variance
+
+
 def degree_energies(target: Target, max_degree: int) -> tuple[torch.Tensor, float] | None:
     """(energy per Hermite degree 0..max_degree, variance) of a target under its inputs, or
     None where unknown. A ReLU neuron or zigzag depends on x only through <w*, x>/|w*| ~ N(0, 1),
@@ -479,6 +524,7 @@ def reference_errors(
     target: Target,
     model: TwoLayerNet | LinearizedNet,
     moments: PopulationMoments | None = None,
+    rf_exact: bool = True,
 ) -> dict[str, float | list[float]]:
     """What theory predicts for this run, normalised by the target's population variance:
     ``best_constant`` (1.0), ``best_degree_l`` (the best polynomial of degree <= l) and, for
@@ -486,7 +532,8 @@ def reference_errors(
     biases, ``rf_population_error`` (the exact population error of the best output layer for
     this draw of features; a list over replicas when R > 1). That one comes from ``moments``
     when the run has them already (``optimizer.population=true``), and is otherwise left out
-    above POPULATION_MAX_ENTRIES = replicas * width^2. Empty where the target's closed forms
+    above POPULATION_MAX_ENTRIES = replicas * width^2 (and always with ``rf_exact=False``,
+    for a run that computes it itself). Empty where the target's closed forms
     do not hold for the inputs."""
     if cfg.input.name not in target.exact_under:
         return {}
@@ -498,6 +545,8 @@ def reference_errors(
         f"best_degree_{degree}" if degree else "best_constant": error
         for degree, error in enumerate(residual_errors(*known, top))
     }
+    if not rf_exact:
+        return errors
     if moments is None and (
         population_moments_apply(cfg, target, model)
         and cfg.replicas * cfg.width**2 <= POPULATION_MAX_ENTRIES

@@ -12,6 +12,8 @@ test MSE / variance of the test targets (1.0 = predicting the mean).
 
 from __future__ import annotations
 
+import hashlib
+import math
 import signal
 import sys
 import time
@@ -23,16 +25,37 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from randfeat_torch.config import ConfigError, ridge_feature_count, validate
+from randfeat_torch.config import ConfigError, penalty_list, ridge_feature_count, validate
 from randfeat_torch.models import LinearizedNet, TwoLayerNet, build_model
 from randfeat_torch.optim import GradientPrecision, PerReplicaRates, base_lr, build_optimizer
 from randfeat_torch.record import CHECKPOINT_NAME, RunRecord, load_checkpoint
-from randfeat_torch.ridge import fit_ridge, solve_centred
-from randfeat_torch.targets import Target, build_target, make_generator, sample_inputs
+from randfeat_torch.ridge import (
+    CentredMoments,
+    NotPositiveDefinite,
+    PenaltyPath,
+    WidthPath,
+    factorise,
+    path_widths,
+    penalty_path,
+    relative_lambda,
+    sampled_moments,
+    solve_centred,
+    width_path,
+)
+from randfeat_torch.targets import (
+    Target,
+    build_target,
+    make_generator,
+    replica_seed,
+    sample_inputs,
+)
 from randfeat_torch.theory import (
     PopulationMoments,
     ReluSum,
+    exact_variance,
     reference_errors,
+    relu_cross_moments,
+    relu_feature_covariance,
     relu_population_moments,
     relu_sum,
 )
@@ -98,7 +121,7 @@ class Data:
     """Inputs from the configured distribution, labelled by the target, on the device.
 
     ``replicas=None``: one stream shared by every replica, x: (n, d), y: (n,). An int R: an
-    independent stream per replica, seeded ``seed + r``, x: (R, n, d), y: (R, n)."""
+    independent stream per replica, seeded ``replica_seed(seed, r)``, x: (R, n, d), y: (R, n)."""
 
     def __init__(
         self,
@@ -111,7 +134,7 @@ class Data:
     ):
         self.kind, self.d, self.target, self.device = cfg.input.name, cfg.d, target, device
         self.replicas = replicas
-        seeds = [seed] if replicas is None else [seed + r for r in range(replicas)]
+        seeds = [seed] if replicas is None else [replica_seed(seed, r) for r in range(replicas)]
         self.gens = [make_generator(device, s, stream) for s in seeds]
 
     def draw(self, n: int, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,10 +166,18 @@ class TestSet:
     scored on the same points."""
 
     def __init__(self, cfg: DictConfig, target: Target, device: torch.device):
-        """Draw the sample; a target that is constant on it is refused (no error to normalise)."""
+        """Draw the sample; a target that is constant on it is refused (no error to normalise).
+        Errors are normalised by the target's exact variance where it is known (then a measured
+        error and theory's share one scale), else by the test sample's; ``normaliser`` says
+        which, and ``test_error_sample`` is always by the test sample's variance."""
         self.x, self.y = Data(cfg, target, device, cfg.target.seed, TEST_STREAM).draw(cfg.n_test)
-        self.variance = self.y.var(correction=0)
-        if not float(self.variance) > 0:
+        self.sample_variance = self.y.var(correction=0)
+        exact = exact_variance(target, cfg.input.name)
+        self.normaliser = "test-sample variance" if exact is None else "exact target variance"
+        self.variance = (
+            self.sample_variance if exact is None else torch.tensor(exact, device=device)
+        )
+        if not float(self.sample_variance) > 0:
             raise ConfigError(
                 "target",
                 target.name,
@@ -166,9 +197,26 @@ class TestSet:
         return {
             "test_mse": mse,
             "test_error": mse / self.variance,
+            "test_error_sample": mse / self.sample_variance,
             "train_loss": train_loss,
             "train_error": train_loss / self.variance,
         }
+
+    @torch.no_grad()
+    def evaluate_output_layers(
+        self, model: Model, beta: torch.Tensor, c: torch.Tensor
+    ) -> torch.Tensor:
+        """Test MSE of G output layers beta: (R, P, G) and c: (R, G) on the model's ridge
+        features (a width path's columns use a prefix of the units, zero past it), in float64:
+        (R, G)."""
+        n = self.x.shape[0]
+        chunk = max(1, EVAL_ELEMENTS // (model.replicas * beta.shape[1]))
+        sse = torch.zeros_like(c)
+        for i in range(0, n, chunk):
+            phi = model.ridge_features(self.x[i : i + chunk]).double()  # (R, m, P)
+            out = torch.baddbmm(c.unsqueeze(1), phi, beta)  # (R, m, G)
+            sse += (out - self.y[i : i + chunk, None].double()).square().sum(1)
+        return sse / n
 
 
 class Batches:
@@ -302,7 +350,9 @@ def train(
     model = build_model(cfg.model, cfg.seed, device)
     data = training_data(cfg, target, device)
     exact = exact_moments(cfg, target, model)
-    theory = reference_errors(cfg, target, model, exact and exact.moments)
+    # With the width path, the record's width_path holds the exact errors (at every width).
+    rf_exact = not (cfg.optimizer.name == "ridge" and cfg.optimizer.width_path)
+    theory = reference_errors(cfg, target, model, exact and exact.moments, rf_exact)
     config = OmegaConf.to_container(cfg, resolve=True)
     checkpoint = load_checkpoint(Path(run_dir), config) if cfg.resume else None
 
@@ -311,6 +361,8 @@ def train(
         "running",
         device=str(device),
         torch_threads=torch.get_num_threads(),
+        replica_seeds=[replica_seed(cfg.seed, r) for r in range(cfg.replicas)],
+        normaliser=test_set.normaliser,
         theory=theory,
         choices=choices or {},
     )
@@ -380,14 +432,88 @@ class ExactMoments:
 
 
 def exact_moments(cfg: DictConfig, target: Target, model: Model) -> ExactMoments | None:
-    """The :class:`ExactMoments` of a run fitted with ``optimizer.population``, else None."""
+    """The :class:`ExactMoments` of a run fitted with ``optimizer.population``, else None.
+    With the width path, without the covariance: :data:`POPULATION_FACTORS` gives its factor."""
     if cfg.optimizer.name != "ridge" or not cfg.optimizer.population:
         return None
     clock = Stopwatch(model.w.device)
     start = clock.mark()
     relu = relu_sum(target)
-    moments = relu_population_moments(model.w, model.b, relu)
+    if cfg.optimizer.width_path:
+        mean, cross = relu_cross_moments(model.w, model.b, relu)
+        moments = PopulationMoments(mean, None, cross)
+    else:
+        moments = relu_population_moments(model.w, model.b, relu)
     return ExactMoments(relu, moments, clock.since(start))
+
+
+class FactorCache:
+    """The Cholesky factor of the last population fit with the width path, kept for the next job
+    in this process: a sweep over targets on one draw of features (the same d, seed and width,
+    as consecutive jobs of rf_wall are) computes the population Gram matrix and factorises it
+    once. Keyed by the first layer's values, the multiplier and the penalty; one entry."""
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.factor: torch.Tensor | None = None
+
+    def get(
+        self, model: TwoLayerNet, penalty: torch.Tensor, make: Callable[[], torch.Tensor]
+    ) -> tuple[torch.Tensor, bool]:
+        """(the factor, whether it was kept from an earlier job); ``make()`` computes it."""
+        digest = hashlib.sha256()
+        for tensor in (model.w, model.b, penalty):
+            if tensor is not None:
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(repr((model.multiplier, str(penalty.device))).encode())
+        key = digest.hexdigest()
+        if key == self.key and self.factor is not None:
+            return self.factor, True
+        self.key = self.factor = None  # free the old factor before making the next one
+        self.factor, self.key = make(), key
+        return self.factor, False
+
+
+POPULATION_FACTORS = FactorCache()
+
+
+def ridge_moments(
+    cfg: DictConfig, model: Model, data: Data, exact: ExactMoments | None
+) -> CentredMoments:
+    """The centred moments of the ridge features m * phi (m: the output multiplier): exact
+    (``optimizer.population``, from ``exact``, whose tensors are taken over) or of n_train
+    fresh samples, streamed in chunks."""
+    if exact is None:
+        return sampled_moments(
+            model.ridge_features,
+            data.draw,
+            n=cfg.n_train,
+            replicas=cfg.replicas,
+            num_features=ridge_feature_count(cfg),
+            device=data.device,
+            chunk_size=cfg.optimizer.chunk_size,
+        )
+    m = model.multiplier
+    kw = dict(dtype=torch.float64, device=exact.moments.mean.device)
+    cov = exact.moments.cov
+    return CentredMoments(
+        None if cov is None else cov.mul_(m * m),  # the theory section has read them already
+        exact.moments.cross * m,
+        exact.moments.mean * m,
+        torch.tensor(exact.target.mean, **kw),
+        torch.tensor(exact.target.variance, **kw),
+    )
+
+
+def ridge_penalty(
+    cfg: DictConfig, model: Model, moments: CentredMoments, value: float
+) -> torch.Tensor:
+    """lambda on |a|^2 per replica (R,), for the penalty lambda_u |u|^2 on u = m * a of this
+    ``value``: lambda_u = value (absolute) or value * trace(Cov phi) / P (relative)."""
+    if cfg.optimizer.penalty_scale == "relative":
+        return relative_lambda(moments.cov, value)
+    lam = value * model.multiplier**2
+    return torch.full((cfg.replicas,), lam, dtype=torch.float64, device=moments.q.device)
 
 
 def fit_by_ridge(
@@ -398,48 +524,150 @@ def fit_by_ridge(
     record: RunRecord,
     exact: ExactMoments | None,
 ) -> tuple[str, dict[str, torch.Tensor], int, float]:
-    """The closed-form output layer (one 'step'): on n_train fresh samples, streamed in chunks,
-    or with ``exact`` (``optimizer.population``) on the exact population moments of the
-    features, whose 'train_loss' is then the population MSE. Returns the status, final metrics,
-    steps done and the rate: 1 / the seconds the fit took (the moments' included)."""
+    """The closed-form output layer (one 'step'): on n_train fresh samples, or with ``exact``
+    (``optimizer.population``) on the exact population moments of the features, whose
+    'train_loss' is then the population MSE; with ``optimizer.width_path`` at every prefix
+    width too (the record's ``width_path``). Returns the status, final metrics, steps done and
+    the rate: 1 / the seconds the fit took (the moments' included; a population factor kept
+    from the previous job, see :class:`FactorCache`, costs nothing here)."""
     clock = Stopwatch(data.device)
     fit_start = clock.mark()
-    if exact is not None:
-        m = model.multiplier  # the ridge features are multiplier * phi
-        solution = solve_centred(
-            exact.moments.cov.mul_(m * m),  # the theory section has read them already
-            exact.moments.cross * m,
-            exact.moments.mean * m,
-            torch.tensor(exact.target.mean, dtype=torch.float64, device=data.device),
-            torch.tensor(exact.target.variance, dtype=torch.float64, device=data.device),
-            cfg.optimizer.penalty,
-        )
+    moments = ridge_moments(cfg, model, data, exact)
+    path, reused, penalties = None, False, penalty_list(cfg)
+    if penalties is not None:
+        lam = torch.stack([ridge_penalty(cfg, model, moments, p) for p in penalties], -1)
+        path = penalty_path(moments, lam)
+        gcv = path.gcv(cfg.n_train) if cfg.optimizer.penalty == "gcv" else None
+        pick = torch.zeros(cfg.replicas, dtype=torch.long) if gcv is None else gcv.argmin(-1)
+        solution = path.fit(pick.to(lam.device))
+    elif cfg.optimizer.width_path:
+        penalty = ridge_penalty(cfg, model, moments, cfg.optimizer.penalty)
+        try:
+            if exact is None:
+                factor = factorise(moments.cov, penalty)
+            else:
+                m = model.multiplier
+                factor, reused = POPULATION_FACTORS.get(
+                    model,
+                    penalty,
+                    lambda: factorise(
+                        relu_feature_covariance(model.w, model.b).mul_(m * m), penalty
+                    ),
+                )
+            path = width_path(factor, moments, penalty)
+        except NotPositiveDefinite:
+            raise ConfigError(
+                "optimizer.penalty",
+                cfg.optimizer.penalty,
+                "is too small for the width path: cov + penalty has no trusted Cholesky "
+                "factor at this width; raise it",
+            ) from None
+        solution = path.fit()
     else:
-        solution = fit_ridge(
-            model.ridge_features,
-            data.draw,
-            n=cfg.n_train,
-            replicas=cfg.replicas,
-            num_features=ridge_feature_count(cfg),
-            relative_penalty=cfg.optimizer.penalty,
-            device=data.device,
-            chunk_size=cfg.optimizer.chunk_size,
-        )
+        solution = solve_centred(moments, ridge_penalty(cfg, model, moments, cfg.optimizer.penalty))
     model.load_ridge_solution(solution.beta.float(), solution.c.float())
     fit_time = clock.since(fit_start) + (exact.seconds if exact else 0.0)
     metrics = test_set.evaluate(model, solution.train_mse.float())
     record.log_eval(1, metrics)
     finite = torch.isfinite(metrics["test_error"])
-    record.write(
-        "running",
-        ridge={
+    fields: dict[str, object] = {
+        "ridge": {
             "lambda": solution.penalty.tolist(),
             "eigen_fallback": solution.fallback,
             "population": bool(cfg.optimizer.population),
-        },
-    )
+            "factor_reused": reused,
+        }
+    }
+    if penalties is not None:
+        fields["penalty_path"] = penalty_record(path, penalties, model, test_set, gcv, pick)
+        record.log_penalty_path(fields["penalty_path"])
+    elif path is not None:
+        fields["width_path"] = path_record(path, model, test_set, exact is not None)
+        record.log_width_path(fields["width_path"])
+    record.write("running", **fields)
     status = "ok" if bool(finite.all()) else "diverged"
     return status, metrics, 1, 1 / fit_time
+
+
+PATH_RECORD_RATIO = 2 ** (1 / 16)  # the record keeps the path at every width to 64, then this
+PATH_RECORD_DENSE = 64
+
+
+def _per_replica_rows(values: torch.Tensor) -> list:
+    """(R, K) -> a list of K numbers for R = 1, else R lists (strict JSON: no NaN or Inf)."""
+    rows = [
+        [v if math.isfinite(v) else None for v in row]
+        for row in values.detach().cpu().double().tolist()
+    ]
+    return rows[0] if len(rows) == 1 else rows
+
+
+def weight_norms(u: torch.Tensor, widths: torch.Tensor) -> dict[str, list]:
+    """Norms of effective output weights u: (R, P, K), one column per fit, each of this width."""
+    max_u = u.abs().amax(1)
+    return {
+        "u_max_abs": _per_replica_rows(max_u),
+        "u_l1": _per_replica_rows(u.abs().sum(1)),
+        "u_l2": _per_replica_rows(u.square().sum(1).sqrt()),
+        "width_times_u_max_abs": _per_replica_rows(max_u * widths),
+    }
+
+
+def penalty_record(
+    path: PenaltyPath,
+    penalties: list[float],
+    model: TwoLayerNet | LinearizedNet,
+    test_set: TestSet,
+    gcv: torch.Tensor | None,
+    pick: torch.Tensor,
+) -> dict[str, object]:
+    """The record's ``penalty_path``: per penalty (as configured, on |u|^2) the normalised
+    error on the fit's distribution, the test error, the degrees of freedom and the norms of
+    u = m * beta; with ``penalty=gcv`` the GCV score and each replica's pick."""
+    variance = test_set.variance.double()
+    test_mse = test_set.evaluate_output_layers(model, path.beta, path.c)
+    width = torch.tensor(float(model.width), dtype=torch.float64, device=path.beta.device)
+    record: dict[str, object] = {
+        "penalties": penalties,
+        "error": _per_replica_rows(path.mse / variance),
+        "test_error": _per_replica_rows(test_mse / variance),
+        "df": _per_replica_rows(path.df),
+        **weight_norms(path.beta * model.multiplier, width),
+        "picked": [penalties[int(k)] for k in pick.tolist()],
+    }
+    if gcv is not None:
+        record["gcv"] = _per_replica_rows(gcv / variance)
+    return record
+
+
+def path_record(
+    path: WidthPath, model: TwoLayerNet, test_set: TestSet, exact: bool
+) -> dict[str, object]:
+    """The record's ``width_path``: the normalised error at the widths of a fine grid (every
+    width to 64, then ratio 2^(1/16)); at the solved widths (ratio sqrt 2, and N) the error
+    without the penalty, the test error, and the norms of the effective output weights
+    u = m * beta. Lists over replicas (one list when R = 1)."""
+    widths = path_widths(model.width, PATH_RECORD_RATIO, PATH_RECORD_DENSE)
+    columns = torch.tensor(widths, device=path.objective.device) - 1
+    u = path.beta * model.multiplier  # (R, N, G)
+    variance = test_set.variance.double()
+    solved = torch.tensor(path.widths, dtype=torch.float64, device=u.device)
+    test_mse = test_set.evaluate_output_layers(model, path.beta, path.c)
+    rows = _per_replica_rows
+
+    return {
+        "kind": "population" if exact else "train",
+        "normaliser": test_set.normaliser,
+        "penalty_u": float(path.penalty[0]) / model.multiplier**2,
+        "widths": widths,
+        "error": rows(path.objective[:, columns] / variance),
+        "solved": {
+            "widths": path.widths,
+            "error": rows(path.mse / variance),
+            "test_error": rows(test_mse / variance),
+            **weight_norms(u, solved),
+        },
+    }
 
 
 class Loop:

@@ -36,6 +36,9 @@ def test_bench_quick_produces_every_figure(tmp_path):
             "large_fraction_of_peak",
             "closed_form",
             "closed_form_sampled",
+            "width_path",
+            "width_path_sampled",
+            "penalty_path",
             "startup",
             "compile",
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -41,7 +42,20 @@ def test_a_run_writes_its_record_and_tensorboard_scalars(tmp_path):
     record = json.loads((run_dir / "metrics.json").read_text())
     assert record["status"] == "ok"
     assert record["config"]["d"] == 8 and record["config"]["model"]["name"] == "trainable"
-    assert set(record["metrics"]) == {"test_error", "test_mse", "train_loss", "train_error"}
+    assert set(record["metrics"]) == {
+        "test_error",
+        "test_mse",
+        "train_loss",
+        "train_error",
+        "test_error_sample",
+    }
+    # The headline is normalised by the neuron's exact variance (1/2 - 1/(2 pi) at unit norm),
+    # the other by the test sample's; both come from the same test MSE.
+    metrics = record["metrics"]
+    assert record["normaliser"] == "exact target variance"
+    exact_variance = 0.5 - 1 / (2 * math.pi)
+    assert metrics["test_error"] == pytest.approx(metrics["test_mse"] / exact_variance, rel=1e-6)
+    assert metrics["test_error_sample"] != pytest.approx(metrics["test_error"], rel=1e-6)
     assert record["theory"]["best_degree_1"] == pytest.approx(0.2665, abs=1e-4)
     assert record["choices"]["model"] == "trainable"
     assert 0 < record["metrics"]["test_error"] < 2

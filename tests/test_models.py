@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from randfeat_torch.models import LinearizedNet, TwoLayerNet
+from randfeat_torch.targets import replica_seed
 
 
 def test_shapes_with_replicas():
@@ -18,9 +19,9 @@ def test_shapes_with_replicas():
     assert net(torch.randn(3, 11, 5)).shape == (3, 11)
 
 
-def test_replica_r_is_the_single_net_with_seed_plus_r():
+def test_replica_r_is_the_single_net_with_its_replica_seed():
     many = TwoLayerNet(d=4, width=6, replicas=3, seed=10)
-    one = TwoLayerNet(d=4, width=6, replicas=1, seed=12)
+    one = TwoLayerNet(d=4, width=6, replicas=1, seed=replica_seed(10, 2))
     assert torch.equal(many.w[2], one.w[0]) and torch.equal(many.a[2], one.a[0])
     assert not torch.equal(many.w[0], many.w[1])
     x = torch.randn(9, 4)

@@ -54,6 +54,7 @@ def test_every_preset_has_a_small_variant_and_a_sweep():
         "rf_hardness",
         "parity",
         "rf_vs_nt_vs_nn",
+        "rf_wall",
     }
     for preset in FULL:
         assert f"{preset}_small" in PRESETS
@@ -91,6 +92,49 @@ def run_preset(preset: str, tmp_path: Path, plots: list[str]) -> pd.DataFrame:
     for name in ["results.csv", "summary.txt", *(f"{p}.png" for p in plots)]:
         assert (sweep / name).exists(), name
     return pd.read_csv(sweep / "results.csv")
+
+
+@pytest.mark.slow
+def test_rf_wall_small_measures_the_wall(tmp_path):
+    table = run_preset(
+        "rf_wall_small",
+        tmp_path,
+        ["width_needed", "width_path", "net_vs_rf", "error_vs_weight_norm"],
+    )
+    assert (table["status"] == "ok").all()
+    sweep = tmp_path / "rf_wall_small"
+    needed = pd.read_csv(sweep / "width_needed.csv")
+    # Every (target, d, threshold) has its row, reached or not: 2 targets x 3 d x 3 thresholds.
+    assert len(needed) == 18 and needed["status"].notna().all()
+    growth = pd.read_csv(sweep / "width_growth.csv").set_index(["label", "threshold", "law"])
+    rate = {
+        target: growth.loc[(f"rf_wall / {target}", 0.3, "exponential"), "slope"]
+        for target in ("relu_neuron_hard", "relu_neuron")
+    }
+    # The kink moving out with d: the width needed grows faster than for the unit neuron.
+    assert rate["relu_neuron_hard"] > 2 * rate["relu_neuron"] > 0
+    low = growth.loc[("rf_wall / relu_neuron_hard", 0.3, "exponential"), "slope_low"]
+    high = growth.loc[("rf_wall / relu_neuron", 0.3, "exponential"), "slope_high"]
+    assert low > high  # the 95% intervals of the two rates do not overlap
+    # The trained net (width 256, best rate) stays far below random features at N_max = 2048.
+    net = table[table["fit"] == "nn_wall"]
+    best = (
+        net.groupby(["target", "d", "optimizer.lr"])["test_error"]
+        .mean()
+        .groupby(level=[0, 1])
+        .min()
+    )
+    # Random features not at 0.1 by N_max (error above 0.1 at every width), the net below half.
+    hard = needed[(needed["label"] == "rf_wall / relu_neuron_hard") & (needed["d"] == 12)]
+    assert hard.set_index("threshold").loc[0.1, "reached"] == 0
+    assert best.loc[("relu_neuron_hard", 12)] < 0.05
+    seeds: dict[tuple, list[int]] = {}
+    for path in sweep.glob("*/metrics.json"):
+        record = json.loads(path.read_text())
+        point = (record["choices"]["fit"], record["choices"]["target"], record["config"]["d"])
+        seeds.setdefault(point, []).extend(record["replica_seeds"])
+    for point, found in seeds.items():  # the seed sweep trained disjoint networks
+        assert len(found) == len(set(found)) == (9 if point[0] == "nn_wall" else 3), point
 
 
 @pytest.mark.slow

@@ -1,11 +1,15 @@
-"""Many seeds in one pass: replica r of a run equals the single run with seed + r."""
+"""Many seeds in one pass: replica r of a run equals the single run with its replica seed."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
 from randfeat_torch.config import ConfigError
+from randfeat_torch.models import TwoLayerNet
+from randfeat_torch.targets import replica_seed
 
 BASE = ["steps=60", "eval_every=30", "replicas=3", "seed=5"]
 
@@ -24,15 +28,30 @@ def close(batched: torch.Tensor, single: torch.Tensor) -> bool:
     ],
 )
 @pytest.mark.parametrize("sampling", ["shared", "independent"])
-def test_replica_r_equals_the_single_run_with_seed_plus_r(run, fit, sampling):
+def test_replica_r_equals_the_single_run_with_its_replica_seed(run, fit, sampling):
     batched = run(*BASE, *fit, f"replica_data={sampling}")
     for r in range(3):
         # Shared minibatches come from the run's seed: the single run names it as data_seed.
         data = ["data_seed=5"] if sampling == "shared" else []
-        single = run(*BASE, *fit, "replicas=1", f"seed={5 + r}", *data)
+        single = run(*BASE, *fit, "replicas=1", f"seed={replica_seed(5, r)}", *data)
         for name in ("test_error", "train_loss"):
             assert close(batched.metrics[name][r], single.metrics[name][0]), (name, r)
     assert len(set(batched.metrics["test_error"].tolist())) == 3
+
+
+def test_a_sweep_over_seed_with_replicas_trains_disjoint_networks():
+    # seed + r would make replica 1 of seed=0 the same network as replica 0 of seed=1.
+    nets = [TwoLayerNet(d=4, width=8, replicas=3, seed=seed) for seed in range(3)]
+    first_layers = [w for net in nets for w in net.w.detach()]
+    assert len(first_layers) == 9
+    for i, w in enumerate(first_layers):
+        assert not any(torch.equal(w, other) for other in first_layers[i + 1 :])
+
+
+def test_the_record_names_each_replicas_seed(run):
+    result = run("replicas=3", "seed=7", "steps=2", "eval_every=1")
+    record = json.loads((result.run_dir / "metrics.json").read_text())
+    assert record["replica_seeds"] == [7, 7 + 2**20, 7 + 2**21]
 
 
 def test_independent_replicas_see_different_data(run):
@@ -60,7 +79,7 @@ def test_one_learning_rate_per_replica_equals_separate_runs(run, optimizer):
             *BASE,
             *optimizer,
             "replicas=1",
-            f"seed={5 + r}",
+            f"seed={replica_seed(5, r)}",
             "data_seed=5",
             f"optimizer.lr={lr}",
             "optimizer.schedule=cosine",

@@ -106,7 +106,13 @@ def test_rank_deficient_features_fall_back_to_the_minimum_norm_solution():
     assert torch.allclose(
         fit.beta[0, :3] * 2 * half.multiplier / net.multiplier, reduced.beta[0], rtol=1e-6
     )
-    assert float(fit.train_mse) == pytest.approx(float(reduced.train_mse), rel=1e-9)
+    # The features are float32, scaled by each net's own multiplier before rounding: the two
+    # Gram matrices differ by float32 rounding (2^-24 relative per feature), which moves the
+    # MSEs by about that much relative, whatever float64 does afterwards.
+    float32_rounding = 2.0**-24
+    assert float(fit.train_mse) == pytest.approx(
+        float(reduced.train_mse), rel=10 * float32_rounding
+    )
 
 
 def test_more_features_than_samples_interpolates(run):

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from randfeat_torch.config import ConfigError
 from randfeat_torch.models import build_model
 from randfeat_torch.optim import GradientPrecision, build_optimizer
+from randfeat_torch.targets import replica_seed
 
 LEARN = ["d=8", "width=256", "steps=1500", "batch_size=128", "eval_every=500", "n_test=4000"]
 
@@ -53,9 +54,11 @@ def test_two_replicas_give_two_errors_and_their_own_record(run, tmp_path):
 
 
 def test_replica_r_matches_the_single_run_at_init_seed(run):
-    """At init (one step of negligible size), replica r of seed s is the single net of seed s+r."""
+    """At init (one step of negligible size), replica r of seed s is the single net of its
+    replica seed."""
     many = run("replicas=3", "seed=5", "steps=1", "eval_every=1", "optimizer.lr=1e-12")
-    one = run("replicas=1", "seed=7", "steps=1", "eval_every=1", "optimizer.lr=1e-12")
+    seed = replica_seed(5, 2)
+    one = run("replicas=1", f"seed={seed}", "steps=1", "eval_every=1", "optimizer.lr=1e-12")
     assert many.metrics["test_mse"][2] == pytest.approx(float(one.metrics["test_mse"][0]), rel=1e-5)
 
 
