@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 
 from randfeat_torch.record import METRICS, NOT_IN_FINGERPRINT, RECORD_NAME
 from randfeat_torch.stats import fit_growth, mean_interval, width_to_reach
+from randfeat_torch.targets import replica_seed
 
 GROUPS = ("experiment", "fit", "model", "optimizer", "target", "input")
 TABLE_NAME, SUMMARY_NAME, TENSORBOARD_DIR = "results.csv", "summary.txt", "aggregate"
@@ -103,11 +104,22 @@ def expected_jobs(root: Path) -> int | None:
     return count
 
 
-def _network_key(config: dict[str, Any], seed: int) -> str:
-    """What makes a network and its fit: the config without the seeds and the keys that do not
-    change results, and the replica's own seed."""
-    kept = {k: v for k, v in config.items() if k not in (*SEED_KEYS, *NOT_IN_FINGERPRINT)}
-    return json.dumps([kept, seed], sort_keys=True, default=str)
+PER_REPLICA_KEYS = ("replicas", "model.replicas", "optimizer.lr")  # replaced by each replica's
+
+
+def _network_key(config: dict[str, Any], r: int, seed: int, rate: Any) -> str:
+    """What makes replica r's network and its fit: the flat config without the seeds, the
+    replica count and the keys that do not change results, with the replica's own seed, the
+    seed of the data it trained on (none for a population fit) and its learning rate."""
+    skip = (*SEED_KEYS, *NOT_IN_FINGERPRINT, *PER_REPLICA_KEYS)
+    kept = {k: v for k, v in config.items() if k not in skip}
+    data = config.get("data_seed")
+    data = config.get("seed", 0) if data is None else data
+    if config.get("replica_data") == "independent":
+        data = replica_seed(data, r)
+    if config.get("optimizer.population"):
+        data = None
+    return json.dumps([kept, seed, data, rate], sort_keys=True, default=str)
 
 
 def _path_rows(path: dict[str, Any], r: int, row: dict[str, Any]) -> tuple[list, list]:
@@ -158,7 +170,9 @@ def read_records(root: Path) -> Records:
         # Records before replica_seeds was written used seed + r.
         seeds = record.get("replica_seeds") or [config.get("seed", 0) + r for r in range(replicas)]
         for r in range(replicas):
-            key = _network_key(record.get("config") or {}, seeds[r])
+            rate = config.get("optimizer.lr")
+            rate = rate[r] if isinstance(rate, tuple) else rate
+            key = _network_key(config, r, seeds[r], rate)
             if status == "ok" and key in seen:
                 problems.append(
                     {
@@ -378,17 +392,33 @@ def plot_width_needed(needed: pd.DataFrame, eps: float) -> plt.Figure | None:
     return fig
 
 
-def seed_widths(paths: pd.DataFrame, thresholds: tuple[float, ...] = THRESHOLDS) -> pd.DataFrame:
-    """The width needed per seed: one row per (label, d, threshold, replica seed), read off
-    that network's width path by :func:`~randfeat_torch.stats.width_to_reach` (NaN: not
-    reached by its largest width, ``n_max``)."""
+def seed_widths(
+    paths: pd.DataFrame, solved: pd.DataFrame, thresholds: tuple[float, ...] = THRESHOLDS
+) -> pd.DataFrame:
+    """The width needed per seed: one row per run, replica and threshold, read off that
+    network's width path by :func:`~randfeat_torch.stats.width_to_reach` (NaN: not reached by
+    its largest width, ``n_max``). The path is the penalised objective (MSE + lambda |u|^2) /
+    Var f; ``penalty_share`` is lambda |u|^2 / Var f at the first solved width at or past the
+    crossing (the largest where not reached), over the threshold: how much of the threshold is
+    the penalty rather than the error."""
     rows = []
-    for (label, d, seed), curve in paths.groupby(["label", "d", "replica_seed"], sort=True):
+    for (run, replica), curve in paths.groupby(["run", "replica"], sort=True):
+        curve = curve[np.isfinite(curve["error"].to_numpy(float))]
         widths, errors = curve["width"].to_numpy(float), curve["error"].to_numpy(float)
+        points = solved[(solved["run"] == run) & (solved["replica"] == replica)]
+        points = points.merge(curve[["width", "error"]], on="width", suffixes=("", "_objective"))
+        first = curve.iloc[0]
         for eps in thresholds:
+            needed = width_to_reach(widths, errors, eps)
+            past = points[points["width"] >= (needed if np.isfinite(needed) else widths.max())]
+            share = math.nan
+            if not past.empty:
+                at = past.iloc[0]
+                share = (at["error_objective"] - at["error"]) / eps
             rows.append(
-                {"label": label, "d": d, "threshold": eps, "replica_seed": seed}
-                | {"width_needed": width_to_reach(widths, errors, eps), "n_max": widths.max()}
+                {"label": first["label"], "d": first["d"], "threshold": eps}
+                | {"replica_seed": first["replica_seed"], "width_needed": needed}
+                | {"n_max": widths.max(), "penalty_share": share}
             )
     return pd.DataFrame(rows)
 
@@ -407,29 +437,38 @@ def width_needed_table(per_seed: pd.DataFrame) -> pd.DataFrame:
         missed = int((~reached).sum())
         status = "reached" if not missed else f"not reached by N_max={n_max} in {missed} seeds"
         shown = [f"{w:.4g}" if ok else f">{n_max}" for w, ok in zip(widths, reached, strict=True)]
+        share = float(group["penalty_share"].max())
+        if share > PENALTY_SHARE_FLAG:
+            status += f"; the penalty is {share:.0%} of the threshold"
         rows.append(
             {"label": label, "d": d, "threshold": eps, "seeds": len(widths)}
             | {"reached": int(reached.sum()), "width_per_seed": ";".join(shown)}
             | {"median": median if math.isfinite(median) else math.nan}
             | {"geo_mean": math.exp(mean), "ci95_low": math.exp(low), "ci95_high": math.exp(high)}
-            | {"n_max": n_max, "status": status}
+            | {"n_max": n_max, "penalty_share": share, "status": status}
         )
     return pd.DataFrame(rows)
 
 
 GROWTH_LAWS = ("exponential", "polynomial")  # log N = a + b d; log N = a + k log d
+PENALTY_SHARE_FLAG = 0.05  # a width needed whose penalty is more of the threshold is flagged
 
 
 def growth_table(per_seed: pd.DataFrame) -> pd.DataFrame:
     """The two growth laws fitted to the width needed against d, per (label, threshold): one
-    row per law, over every seed's point at the d where all seeds reached the threshold (the
-    others are counted in ``d_not_reached``), with ``better`` naming the law of the smaller
-    residual sum of squares in log width (both laws have two parameters)."""
+    row per law, fitted to the geometric mean over seeds at each d where every seed reached the
+    threshold (the others are counted in ``d_not_reached``), so that the slope's interval has
+    (number of d - 2) degrees of freedom: seeds at one d share the law's misfit, and pooling
+    them would make it too narrow. The interval holds only if the law is right; ``better``
+    names the law of the smaller residual sum of squares in log width (both have two
+    parameters)."""
     rows = []
     for (label, eps), group in per_seed.groupby(["label", "threshold"], sort=True):
         complete = group.groupby("d")["width_needed"].transform(lambda w: np.isfinite(w).all())
         used = group[complete.astype(bool)]
-        fits = [fit_growth(used["d"], used["width_needed"], law) for law in GROWTH_LAWS]
+        log_mean = np.log(used["width_needed"]).groupby(used["d"]).mean()
+        d, width = log_mean.index.to_numpy(float), np.exp(log_mean.to_numpy())
+        fits = [fit_growth(d, width, law) for law in GROWTH_LAWS]
         if any(fit is None for fit in fits):
             continue
         better = min(fits, key=lambda fit: fit.rss).law
@@ -592,7 +631,10 @@ def summarise_growth(
     if growth.empty:
         lines.append("growth laws: too few d reached a threshold to fit (three points needed)")
         return lines
-    lines.append("growth of the width needed with d (least squares on log N, every seed's point):")
+    lines.append(
+        "growth of the width needed with d (least squares on the log of the geometric mean over"
+        " seeds at each d; 95% intervals hold if the law does):"
+    )
     for (label, eps), fits in growth.groupby(["label", "threshold"], sort=True):
         parts = []
         for fit in fits.itertuples():
@@ -676,7 +718,7 @@ def aggregate(root: Path | str, eps: float = 0.1, out: Path | str | None = None)
             names = table[["run", "replica", "label", "target"]]
             paths = records.paths.merge(names, on=["run", "replica"])
             solved = records.solved.merge(names, on=["run", "replica"])
-            per_seed = seed_widths(paths)
+            per_seed = seed_widths(paths, solved)
             path_needed, growth = width_needed_table(per_seed), growth_table(per_seed)
             trained = trained_table(ok, paths)
             path_needed.to_csv(out / WIDTH_NEEDED_NAME, index=False)

@@ -267,13 +267,15 @@ class PenaltyPath:
     """Ridge at each of K penalties (see :func:`penalty_path`): ``penalty``: (R, K) lambda on
     beta, ``beta``: (R, P, K), ``c`` and ``mse`` (the MSE on the moments' distribution): (R, K),
     and ``df``: (R, K) the degrees of freedom of the fitted values, 1 + sum_i e_i / (e_i +
-    lambda) over the eigenvalues e_i of cov (the 1: the unpenalised constant)."""
+    lambda) over the eigenvalues e_i of cov (the 1: the unpenalised constant); ``fallback``:
+    whether any fit took the eigen fallback of :func:`solve_psd`."""
 
     penalty: torch.Tensor
     beta: torch.Tensor
     c: torch.Tensor
     mse: torch.Tensor
     df: torch.Tensor
+    fallback: bool
 
     def gcv(self, n: int) -> torch.Tensor:
         """Generalised cross-validation on n samples: mse / (1 - df / n)^2, (R, K) (Golub, Heath
@@ -285,7 +287,11 @@ class PenaltyPath:
         """The fit at penalty index k: (R,) one index per replica."""
         rows = torch.arange(self.beta.shape[0], device=k.device)
         return RidgeFit(
-            self.beta[rows, :, k], self.c[rows, k], self.mse[rows, k], self.penalty[rows, k], False
+            self.beta[rows, :, k],
+            self.c[rows, k],
+            self.mse[rows, k],
+            self.penalty[rows, k],
+            self.fallback,
         )
 
 
@@ -310,4 +316,5 @@ def penalty_path(moments: CentredMoments, penalties: torch.Tensor) -> PenaltyPat
         torch.stack([f.c.expand(penalties.shape[0]) for f in fits], -1),
         torch.stack([f.train_mse for f in fits], -1),
         df,
+        any(f.fallback for f in fits),
     )

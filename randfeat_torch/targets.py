@@ -31,7 +31,7 @@ def replica_seed(seed: int, replica: int) -> int:
     """The seed of replica ``replica`` of a run with ``seed``: replica 0 is the run's own seed,
     and a sweep over seeds below 2^20 with fewer than 4096 replicas never gives two replicas
     one seed (seed + r would: replica 1 of seed 0 is replica 0 of seed 1). Replica r equals the
-    single run with this seed."""
+    single run with this seed (and ``data_seed=seed`` when the replicas share their data)."""
     return seed + replica * REPLICA_SEED_STRIDE
 
 

@@ -133,7 +133,7 @@ def bivariate_normal_cdf(h: torch.Tensor, k: torch.Tensor, rho: torch.Tensor) ->
     if rho.shape == shape:  # one rho per entry: each band computes its own entries only
         h, k = h.expand(shape), k.expand(shape)
         size = rho.abs()
-        out = torch.empty(shape, dtype=torch.float64, device=rho.device)
+        out = torch.full(shape, torch.nan, dtype=torch.float64, device=rho.device)
         band = size < below
         out[band] = _bivariate_cdf_moderate(h[band], k[band], rho[band], points)
     else:  # every entry by the cheapest band first (h and k may stay a column and a row)
@@ -398,10 +398,12 @@ def relu_feature_covariance(w: torch.Tensor, b: torch.Tensor | None) -> torch.Te
 
     def exact_pairs() -> None:
         """The pairs in ``far`` by the bivariate CDF, into cov; empties ``far``."""
-        r, m, n, rho = (torch.cat(parts) for parts in zip(*far, strict=True))
-        product = relu_product_mean(norm[r, m], bias[r, m], norm[r, n], bias[r, n], rho)
-        cov[r, m, n] = product - mean[r, m] * mean[r, n]
+        pairs = [torch.cat(parts) for parts in zip(*far, strict=True)]
         far.clear()
+        for part in torch.arange(len(pairs[0]), device=w.device).split(POPULATION_PAIRS):
+            r, m, n, rho = (t[part] for t in pairs)
+            product = relu_product_mean(norm[r, m], bias[r, m], norm[r, n], bias[r, n], rho)
+            cov[r, m, n] = product - mean[r, m] * mean[r, n]
 
     pending = 0  # pairs in far: computed about POPULATION_PAIRS at a time
     for start in range(0, width, POPULATION_ROWS):

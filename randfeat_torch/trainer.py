@@ -13,6 +13,7 @@ test MSE / variance of the test targets (1.0 = predicting the mean).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import signal
 import sys
@@ -341,6 +342,7 @@ def train(
     the metrics an uninterrupted run would have (bit-identical on CPU). ``stop_at``: behave as
     if SIGTERM arrived during that step (checkpoint, status ``interrupted``), for tests."""
     start = time.perf_counter()
+    POPULATION_FACTORS.keep_for(cfg)
     validate(cfg)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -350,8 +352,9 @@ def train(
     model = build_model(cfg.model, cfg.seed, device)
     data = training_data(cfg, target, device)
     exact = exact_moments(cfg, target, model)
-    # With the width path, the record's width_path holds the exact errors (at every width).
-    rf_exact = not (cfg.optimizer.name == "ridge" and cfg.optimizer.width_path)
+    # A population width path holds the exact errors itself, at every width.
+    ridge = cfg.optimizer.name == "ridge"
+    rf_exact = not (ridge and cfg.optimizer.width_path and cfg.optimizer.population)
     theory = reference_errors(cfg, target, model, exact and exact.moments, rf_exact)
     config = OmegaConf.to_container(cfg, resolve=True)
     checkpoint = load_checkpoint(Path(run_dir), config) if cfg.resume else None
@@ -404,6 +407,7 @@ def train(
             steps_done=steps_done,
             wall_time_s=wall_time,
             steps_per_s=steps_per_s,
+            output_weights=output_weight_norms(model),
         )
         record.close(metrics, steps_done)
     return RunResult(
@@ -456,6 +460,16 @@ class FactorCache:
     def __init__(self) -> None:
         self.key: str | None = None
         self.factor: torch.Tensor | None = None
+        self.features: str | None = None  # what in the config makes the features and penalty
+
+    def keep_for(self, cfg: DictConfig) -> None:
+        """Free the factor unless this job's features and penalty could be the same (called
+        before a job's checks, whose memory check must not count a factor it will not use)."""
+        groups = [OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "optimizer")]
+        features = json.dumps([*groups, cfg.seed, cfg.device], sort_keys=True, default=str)
+        if features != self.features:
+            self.key = self.factor = None
+        self.features = features
 
     def get(
         self, model: TwoLayerNet, penalty: torch.Tensor, make: Callable[[], torch.Tensor]
@@ -611,6 +625,15 @@ def weight_norms(u: torch.Tensor, widths: torch.Tensor) -> dict[str, list]:
         "u_l2": _per_replica_rows(u.square().sum(1).sqrt()),
         "width_times_u_max_abs": _per_replica_rows(max_u * widths),
     }
+
+
+def output_weight_norms(model: Model) -> dict[str, object]:
+    """The norms of the effective output weights u = m * a of the final model (see
+    :func:`weight_norms`; one number per replica, a list when R > 1)."""
+    u = (model.a.detach().double() * model.multiplier).unsqueeze(-1)  # (R, width, 1)
+    width = torch.tensor([float(model.width)], dtype=torch.float64, device=u.device)
+    norms = weight_norms(u, width)
+    return {k: v[0] if model.replicas == 1 else [row[0] for row in v] for k, v in norms.items()}
 
 
 def penalty_record(

@@ -1,5 +1,5 @@
-"""The penalty path: ridge at every penalty from one eigendecomposition equals separate fits;
-GCV equals its definition through the hat matrix; the record; refusals."""
+"""The penalty path: ridge at every penalty equals an independent least-squares fit; GCV equals
+its definition through the hat matrix; the record; refusals."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from randfeat_torch.config import ConfigError
 from randfeat_torch.models import TwoLayerNet
-from randfeat_torch.ridge import penalty_path, sampled_moments, solve_centred
+from randfeat_torch.ridge import penalty_path, sampled_moments
 from randfeat_torch.targets import random_direction
 
 EPS64 = torch.finfo(torch.float64).eps
@@ -31,20 +31,27 @@ def moments_of(net: TwoLayerNet, x: torch.Tensor, y: torch.Tensor):
     return sampled_moments(net.ridge_features, lambda m: (x, y), len(y), 2, net.width, x.device)
 
 
-def test_the_path_equals_a_separate_fit_at_every_penalty():
+def test_every_penalty_equals_least_squares_on_the_augmented_features():
+    # Ridge is least squares on [Phi_c; sqrt(n lambda) I] against [y_c; 0] (Phi_c, y_c:
+    # centred): solved here by QR (lstsq), independently of the Gram matrix the path uses.
     net, x, y = problem()
+    n = len(y)
     lam = torch.tensor(PENALTIES, dtype=torch.float64).expand(2, -1).contiguous()
     path = penalty_path(moments_of(net, x, y), lam)
-    for k, value in enumerate(PENALTIES):
-        alone = solve_centred(moments_of(net, x, y), torch.full((2,), value, dtype=torch.float64))
-        cov = moments_of(net, x, y).cov
-        system = cov + value * torch.eye(net.width, dtype=torch.float64)
-        # Backward-stable solves on both sides: agreement to cond(cov + lambda) * eps.
-        tol = 10 * float(torch.linalg.cond(system).max()) * EPS64
-        assert torch.allclose(path.mse[:, k], alone.train_mse, rtol=0, atol=tol * float(y.var()))
-        scale = alone.beta.abs().max()
-        assert torch.allclose(path.beta[..., k], alone.beta, rtol=0, atol=tol * scale)
-        assert torch.allclose(path.c[:, k], alone.c, rtol=0, atol=tol * (1 + alone.c.abs().max()))
+    phi = net.ridge_features(x).double()
+    centred, yc = phi - phi.mean(1, keepdim=True), y.double() - y.double().mean()
+    for r in range(2):
+        for k, value in enumerate(PENALTIES):
+            rows = torch.cat([centred[r], (n * value) ** 0.5 * torch.eye(net.width).double()])
+            beta = torch.linalg.lstsq(rows, torch.cat([yc, torch.zeros(net.width).double()]))[0]
+            mse = (yc - centred[r] @ beta).square().mean()
+            # Both solves are backward stable: they agree to cond(Phi_c^T Phi_c / n + lambda) eps.
+            system = centred[r].T @ centred[r] / n + value * torch.eye(net.width).double()
+            tol = 10 * float(torch.linalg.cond(system)) * EPS64
+            assert torch.allclose(path.beta[r, :, k], beta, rtol=0, atol=tol * beta.abs().max())
+            assert float(path.mse[r, k]) == pytest.approx(float(mse), abs=tol * float(y.var()))
+            c = y.double().mean() - phi[r].mean(0) @ path.beta[r, :, k]
+            assert float(path.c[r, k]) == pytest.approx(float(c), abs=1e-12)
 
 
 def test_gcv_is_its_definition_through_the_hat_matrix():
@@ -72,6 +79,7 @@ def test_penalty_zero_gives_the_minimum_norm_solution():
         net.w[:, 12:] = net.w[:, :12]
         net.b[:, 12:] = net.b[:, :12]
     path = penalty_path(moments_of(net, x, y), torch.zeros(2, 1, dtype=torch.float64))
+    assert path.fallback  # the singular system took the eigen fallback, and says so
     beta = path.beta[..., 0]
     assert torch.isfinite(beta).all()
     assert torch.allclose(beta[:, :12], beta[:, 12:], atol=1e-8 * beta.abs().max())
@@ -93,6 +101,16 @@ def test_the_record_holds_the_path_and_the_first_penalty_is_the_fit(run):
         assert path["error"][r][2] > path["error"][r][0] >= path["error"][r][1] - 1e-9
         assert path["u_l2"][r][2] < path["u_l2"][r][0] < path["u_l2"][r][1] + 1e-9
         assert path["df"][r][2] < path["df"][r][0] <= 1 + 64
+
+
+def test_a_population_fit_takes_a_penalty_path(run):
+    result = run(
+        "model=frozen", "optimizer=ridge", "optimizer.population=true", "optimizer.penalty=[1e-8,1]"
+    )
+    path = json.loads((result.run_dir / "metrics.json").read_text())["penalty_path"]
+    # On the population the error only rises with the penalty; the first is the run's fit.
+    assert path["error"][0] < path["error"][1]
+    assert path["error"][0] == pytest.approx(float(result.metrics["train_error"][0]), rel=1e-5)
 
 
 def test_gcv_picks_the_penalty_of_the_lowest_score(run):

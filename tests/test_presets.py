@@ -113,9 +113,6 @@ def test_rf_wall_small_measures_the_wall(tmp_path):
     }
     # The kink moving out with d: the width needed grows faster than for the unit neuron.
     assert rate["relu_neuron_hard"] > 2 * rate["relu_neuron"] > 0
-    low = growth.loc[("rf_wall / relu_neuron_hard", 0.3, "exponential"), "slope_low"]
-    high = growth.loc[("rf_wall / relu_neuron", 0.3, "exponential"), "slope_high"]
-    assert low > high  # the 95% intervals of the two rates do not overlap
     # The trained net (width 256, best rate) stays far below random features at N_max = 2048.
     net = table[table["fit"] == "nn_wall"]
     best = (

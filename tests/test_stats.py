@@ -125,6 +125,9 @@ def test_growth_fits_leave_out_d_not_reached_by_every_seed():
     assert table.loc[10, "width_per_seed"] == "80;88;>100"
     assert table.loc[10, "median"] == 88  # two of three seeds reached: the median did
     assert math.isnan(table.loc[10, "geo_mean"])
+    # Where lambda |u|^2 is more than 5% of the threshold, the row says so.
+    assert table.loc[4, "status"] == "reached; the penalty is 20% of the threshold"
+    assert table.loc[6, "status"] == "reached"
 
 
 def seed_widths_frame(widths_by_d: dict[int, list[float]]):
@@ -135,29 +138,31 @@ def seed_widths_frame(widths_by_d: dict[int, list[float]]):
             width = widths[seed] if seed < len(widths) else math.nan
             rows.append(
                 {"label": "m", "d": d, "threshold": 0.1, "replica_seed": seed}
-                | {"width_needed": width, "n_max": 100}
+                | {"width_needed": width, "n_max": 100, "penalty_share": 0.2 if d == 4 else 0.0}
             )
     return pd.DataFrame(rows)
 
 
 def test_overlapping_seed_sweeps_are_flagged_and_counted_once(tmp_path):
     root = tmp_path / "sweep"
-    config = {"d": 4, "width": 8, "replicas": 2, "target": {"name": "t"}}
-    for name, seed, seeds, errors in (
-        ("a", 0, [0, 2**20], [0.1, 0.2]),
-        ("b", 2**20, [2**20, 2**21], [0.2, 0.3]),  # replica 0 is a's replica 1
+    # Each replica draws its own data: replica r's network and data both come from its seed.
+    config = {"d": 4, "width": 8, "target": {"name": "t"}, "replica_data": "independent"}
+    for name, seed, seeds, errors, extra in (
+        ("a", 0, [0, 2**20], [0.1, 0.2], {}),
+        ("b", 2**20, [2**20, 2**21], [0.2, 0.3], {}),  # replica 0 is a's replica 1
+        ("c", 0, [0], [0.4], {"data_seed": 5}),  # a's network on other data: not a duplicate
     ):
         job = root / name
         (job / ".hydra").mkdir(parents=True)
         record = {
             "status": "ok",
-            "config": config | {"seed": seed},
-            "metrics": {"test_error": errors},
+            "config": config | {"seed": seed, "replicas": len(seeds)} | extra,
+            "metrics": {"test_error": errors if len(errors) > 1 else errors[0]},
             "replica_seeds": seeds,
         }
         atomic_write_json(job / "metrics.json", record)
     result = aggregate(root)
-    assert sorted(result.table["replica_seed"]) == [0, 2**20, 2**21]
+    assert sorted(result.table["replica_seed"]) == [0, 0, 2**20, 2**21]
     duplicate = result.problems[result.problems["status"] == "duplicate"]
     assert (
         list(duplicate["run"]) == ["b"] and "network of a replica 1" in duplicate["error"].iloc[0]
