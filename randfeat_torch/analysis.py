@@ -107,10 +107,14 @@ def expected_jobs(root: Path) -> int | None:
 PER_REPLICA_KEYS = ("replicas", "model.replicas", "optimizer.lr")  # replaced by each replica's
 
 
-def _network_key(config: dict[str, Any], r: int, seed: int, rate: Any) -> str:
-    """What makes replica r's network and its fit: the flat config without the seeds, the
-    replica count and the keys that do not change results, with the replica's own seed, the
-    seed of the data it trained on (none for a population fit) and its learning rate."""
+def _network_key(
+    config: dict[str, Any], choices: dict[str, Any], r: int, seed: int, rate: Any
+) -> str:
+    """What makes replica r's network and its fit, in the curve it belongs to: the flat config
+    without the seeds, the replica count and the keys that do not change results, the group
+    choices (two targets may coincide at one d under two names: rf_wall's relu_neuron_hard and
+    relu_neuron_kink2 at d = 16), with the replica's own seed, the seed of the data it trained
+    on (none for a population fit) and its learning rate."""
     skip = (*SEED_KEYS, *NOT_IN_FINGERPRINT, *PER_REPLICA_KEYS)
     kept = {k: v for k, v in config.items() if k not in skip}
     data = config.get("data_seed")
@@ -119,7 +123,7 @@ def _network_key(config: dict[str, Any], r: int, seed: int, rate: Any) -> str:
         data = replica_seed(data, r)
     if config.get("optimizer.population"):
         data = None
-    return json.dumps([kept, seed, data, rate], sort_keys=True, default=str)
+    return json.dumps([kept, choices, seed, data, rate], sort_keys=True, default=str)
 
 
 def _path_rows(path: dict[str, Any], r: int, row: dict[str, Any]) -> tuple[list, list]:
@@ -172,7 +176,7 @@ def read_records(root: Path) -> Records:
         for r in range(replicas):
             rate = config.get("optimizer.lr")
             rate = rate[r] if isinstance(rate, tuple) else rate
-            key = _network_key(config, r, seeds[r], rate)
+            key = _network_key(config, choices, r, seeds[r], rate)
             if status == "ok" and key in seen:
                 problems.append(
                     {
@@ -511,8 +515,8 @@ def plot_width_needed_vs_d(needed: pd.DataFrame, growth: pd.DataFrame) -> plt.Fi
                 capsize=2,
                 label=label,
             )
-            missing = frame[frame["median"].isna()]
-            ax.plot(missing["d"], missing["n_max"], "^", color=color, mfc="none", ms=6)
+            missing = frame[frame["median"].isna()]  # shifted a little so that none hides another
+            ax.plot(missing["d"] + 0.12 * i, missing["n_max"], "^", color=color, mfc="none", ms=6)
             if growth.empty:
                 continue
             fits = growth[(growth["label"] == label) & (growth["threshold"] == eps)]
