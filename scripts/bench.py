@@ -371,8 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     figures.update(closed_form_vs_sgd(ours, quick, 2 if quick else 5))
 
     figures["compile"] = compiled_vs_eager(device, steps, repeats)
-    figures.update(width_path_cost(ours, quick, repeats))
-    figures["penalty_path"] = penalty_path_vs_eigh(quick, repeats)
+    figures.update(width_path_cost(ours, quick, 1 if quick else 5))
+    figures["penalty_path"] = penalty_path_vs_eigh(quick, 1 if quick else 3)
 
     bare = startup_seconds([sys.executable, "-c", "import torch"], repeats)
     app = startup_seconds(
