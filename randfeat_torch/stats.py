@@ -65,11 +65,6 @@ class GrowthFit:
     rms: float
     points: int
 
-    def predict(self, d: np.ndarray) -> np.ndarray:
-        """The fitted width at each d."""
-        x = np.asarray(d, float) if self.law == "exponential" else np.log(np.asarray(d, float))
-        return np.exp(self.intercept + self.slope * x)
-
 
 def fit_growth(d: np.ndarray, width: np.ndarray, law: str) -> GrowthFit | None:
     """The :class:`GrowthFit` of ``law`` (``exponential`` or ``polynomial``) to widths at d, or
