@@ -194,6 +194,8 @@ def read_records(root: Path) -> Records:
             if isinstance(config.get("optimizer.lr"), tuple):  # one rate per replica
                 row["optimizer.lr"] = config["optimizer.lr"][r]
             row.update({m: _replica_value(metrics.get(m), r) for m in METRICS})
+            for threshold, steps in (record.get("steps_to_error") or {}).items():
+                row[f"steps_to_error.{threshold}"] = _replica_value(steps, r)
             row.update({f"theory.{k}": _replica_value(v, r) for k, v in theory.items()})
             row["wall_time_s"] = record.get("wall_time_s")
             rows.append(row)
@@ -222,7 +224,7 @@ def swept_keys(table: pd.DataFrame) -> list[str]:
     for column in table.columns:
         # The groups' copies of the knobs, and their names (the group columns say it better).
         copied = column.endswith((".d", ".width", ".replicas", ".name"))
-        if column in skip or column.startswith("theory.") or copied:
+        if column in skip or column.startswith(("theory.", "steps_to_error.")) or copied:
             continue
         if table[column].astype(str).nunique() > 1:
             keys.append(column)
@@ -713,6 +715,7 @@ def aggregate(root: Path | str, eps: float = 0.1, out: Path | str | None = None)
         table["label"] = _label(table)
         columns = ["run", "replica", "status", "label", *GROUPS, *swept, "d", "width"]
         columns += ["replica_seed", *METRICS]
+        columns += sorted(c for c in table.columns if c.startswith("steps_to_error."))
         columns += [*sorted(c for c in table.columns if c.startswith("theory.")), "wall_time_s"]
         table = table[list(dict.fromkeys(c for c in columns if c in table))]
         table.to_csv(out / TABLE_NAME, index=False)

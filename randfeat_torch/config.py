@@ -28,11 +28,13 @@ REGIMES = ("trainable", "frozen", "linearized")
 SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 REPLICA_DATA = ("shared", "independent")
+LOSS_NAMES = ("mse", "hinge", "logistic")
 BACKWARDS = ("analytic", "autograd")
 INPUTS = ("gaussian", "sphere", "hypercube")
 TARGETS = ("relu_neuron", "polynomial", "zigzag", "parity")
 OPTIMIZERS = ("sgd", "adam", "ridge")
 PENALTY_SCALES = ("relative", "absolute")
+LR_SCALINGS = ("parameterization", "uniform")
 RELU_SUM_TARGETS = ("relu_neuron", "zigzag")  # targets whose Gaussian moments theory has exactly
 RIDGE_MEMORY_FRACTION = 0.5  # of the free memory that the ridge Gram matrices may take
 
@@ -118,6 +120,7 @@ class ModelConfig:
     init: str = "gaussian"
     parameterization: str = "ntk"
     output_init: str = "gaussian"
+    lazy_scale: float | None = None  # alpha: train alpha (f - f_0) on the loss / alpha^2
 
 
 @dataclass
@@ -129,6 +132,7 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     schedule: str = "constant"
     warmup_steps: int = 0
+    lr_scaling: str = "parameterization"  # per-group rate multiples (optim.lr_multipliers)
     grad_clip: float | None = None
     grad_precision: float | None = None
     stochastic_rounding: bool = False
@@ -145,7 +149,7 @@ class SGDConfig(OptimizerConfig):
 @dataclass
 class AdamConfig(OptimizerConfig):
     name: str = "adam"
-    lr: Any = 1e-3
+    lr: Any = 0.03
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
 
@@ -184,6 +188,9 @@ class TrainConfig:
     resume: bool = True
     device: str = "auto"
     threads: int | None = None
+    loss: str = "mse"
+    steps_to_error: list[float] = field(default_factory=lambda: [0.5, 0.1, 0.01])
+    lazy_probe: int = 256
     backward: str = "analytic"
     compile: bool = False
     progress: bool = True
@@ -327,6 +334,14 @@ def validate(cfg: DictConfig) -> None:
         _int_at_least(cfg, "checkpoint_every", 1)
     _one_of(cfg, "device", DEVICES)
     _one_of(cfg, "backward", BACKWARDS)
+    _one_of(cfg, "loss", LOSS_NAMES)
+    for i in range(len(cfg.steps_to_error)):
+        _positive(cfg, f"steps_to_error.{i}")
+    _int_at_least(cfg, "lazy_probe", 1)
+    if cfg.lazy_probe > cfg.n_test:
+        raise ConfigError(
+            "lazy_probe", cfg.lazy_probe, f"must be <= n_test={cfg.n_test}: it is a test subset"
+        )
     if cfg.threads is not None:
         _int_at_least(cfg, "threads", 1)
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -405,6 +420,15 @@ def _validate_model(cfg: DictConfig) -> None:
     _one_of(cfg, "model.init", FIRST_LAYER_INITS)
     _one_of(cfg, "model.parameterization", PARAMETERIZATIONS)
     _one_of(cfg, "model.output_init", OUTPUT_INITS)
+    if cfg.model.lazy_scale is not None:
+        _positive(cfg, "model.lazy_scale")
+        if cfg.model.regime == "linearized":
+            raise ConfigError(
+                "model.lazy_scale",
+                cfg.model.lazy_scale,
+                "needs model=trainable or model=frozen: the linearized model is its own "
+                "linearization at every scale; leave it null",
+            )
 
 
 def ridge_feature_count(cfg: DictConfig) -> int:
@@ -427,6 +451,7 @@ def _validate_optimizer(cfg: DictConfig) -> None:
         _validate_ridge(cfg)
         return
     _validate_lr(cfg)
+    _one_of(cfg, "optimizer.lr_scaling", LR_SCALINGS)
     _positive(cfg, "optimizer.weight_decay", allow_zero=True)
     _one_of(cfg, "optimizer.schedule", SCHEDULES)
     _int_at_least(cfg, "optimizer.warmup_steps", 0)
@@ -469,6 +494,16 @@ def _validate_lr(cfg: DictConfig) -> None:
 
 
 def _validate_ridge(cfg: DictConfig) -> None:
+    if cfg.loss != "mse":
+        raise ConfigError(
+            "loss", cfg.loss, "optimizer=ridge minimises the squared loss: use loss=mse or sgd/adam"
+        )
+    if cfg.model.lazy_scale is not None:
+        raise ConfigError(
+            "model.lazy_scale",
+            cfg.model.lazy_scale,
+            "optimizer=ridge fits the model's optimum, which no scale changes: leave it null",
+        )
     if cfg.model.regime == "trainable":
         raise ConfigError(
             "optimizer",

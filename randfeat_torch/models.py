@@ -40,6 +40,19 @@ ACTIVATION_DERIVATIVES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "softplus": torch.sigmoid,
     "quadratic": lambda z: 2 * z,
 }
+# Per-sample losses l(p, y) of a prediction p, and their derivatives dl/dp; hinge and logistic
+# are for +-1 targets.
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "mse": lambda p, y: (p - y).square(),
+    "hinge": lambda p, y: torch.relu(1 - y * p),
+    # log(1 + exp(-y p)), stable, and with the exact derivative (softplus is linear past 20)
+    "logistic": lambda p, y: torch.logaddexp(torch.zeros_like(p), -y * p),
+}
+LOSS_DERIVATIVES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "mse": lambda p, y: 2 * (p - y),
+    "hinge": lambda p, y: -y * (y * p < 1).to(p.dtype),
+    "logistic": lambda p, y: -y * torch.sigmoid(-y * p),
+}
 OUTPUT_MULTIPLIERS: dict[str, Callable[[int], float]] = {
     "standard": lambda width: 1.0,
     "ntk": lambda width: 1.0 / math.sqrt(width),
@@ -65,11 +78,13 @@ class TwoLayerNet(nn.Module):
         output_init: str = "gaussian",
         seed: int = 0,
         device: torch.device | str = "cpu",
+        lazy_scale: float | None = None,
     ) -> None:
         super().__init__()
         device = torch.device(device)
         self.d, self.width, self.replicas = d, width, replicas
         self.frozen = freeze_first_layer
+        self.parameterization = parameterization
         self.act = ACTIVATION_FUNCTIONS[activation]
         self.act_derivative = ACTIVATION_DERIVATIVES[activation]
         self.multiplier = OUTPUT_MULTIPLIERS[parameterization](width)
@@ -88,49 +103,83 @@ class TwoLayerNet(nn.Module):
         a_init = torch.stack(a) if output_init == "gaussian" else torch.zeros(replicas, width)
         self.a = nn.Parameter(a_init.to(device))
         self.c = nn.Parameter(torch.zeros(replicas, device=device))
+        # Chizat, Oyallon & Bach's lazy scale alpha: the model is alpha (f_theta - f_theta0),
+        # trained on the loss / alpha^2; theta0 is kept as buffers (saved with the state).
+        self.lazy_scale = lazy_scale
+        if lazy_scale is not None:
+            for name in ("w", "b", "a", "c"):
+                param = getattr(self, name)
+                self.register_buffer(f"{name}0", None if param is None else param.detach().clone())
 
-    def _pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+    def _pre_activations(
+        self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
+    ) -> torch.Tensor:
         """<w, x> + b. x: (n, d) shared by all replicas -> (n, R, width), one matmul over all
         R * width units, contiguous so that the backward stays contiguous; x: (R, n, d) ->
         (R, n, width)."""
         if x.dim() == 2:
-            w = self.w.view(-1, self.d).t()
-            pre = x @ w if self.b is None else torch.addmm(self.b.view(-1), x, w)
+            w_t = w.reshape(-1, self.d).t()
+            pre = x @ w_t if b is None else torch.addmm(b.reshape(-1), x, w_t)
             return pre.view(x.shape[0], self.replicas, self.width)
-        pre = torch.bmm(x, self.w.transpose(1, 2))
-        return pre if self.b is None else pre + self.b.unsqueeze(1)
+        pre = torch.bmm(x, w.transpose(1, 2))
+        return pre if b is None else pre + b.unsqueeze(1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Hidden activations act(<w, x> + b). x: (n, d) shared or (R, n, d) -> (R, n, width)."""
-        hidden = self.act(self._pre_activations(x))
+        hidden = self.act(self._pre_activations(x, self.w, self.b))
         return hidden.transpose(0, 1) if x.dim() == 2 else hidden
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (n, d) shared by all replicas, or (R, n, d) -> predictions (R, n)."""
-        if x.dim() == 3:
-            h = self.features(x)
-            out = torch.baddbmm(
-                self.c.view(-1, 1, 1), h, self.a.unsqueeze(-1), alpha=self.multiplier
-            )
-            return out.squeeze(-1)
-        h = self.act(self._pre_activations(x))  # (n, R, width)
-        if self.replicas == 1:  # a plain matmul: its backward is a matmul too
-            out = torch.addmm(
-                self.c, h.view(x.shape[0], self.width), self.a.t(), alpha=self.multiplier
-            )
-            return out.t()
-        return torch.add(self.c, (h * self.a).sum(-1), alpha=self.multiplier).t()
+        """x: (n, d) shared by all replicas, or (R, n, d) -> predictions (R, n): the net, or
+        with a lazy scale alpha (f(x) - f_0(x)) * alpha."""
+        out = self.net(x)
+        if self.lazy_scale is None:
+            return out
+        return (out - self.net_at_init(x)).mul_(self.lazy_scale)
+
+    def net(self, x: torch.Tensor) -> torch.Tensor:
+        """f(x) at the current parameters, without the lazy scale: (R, n)."""
+        return self._output(x, self.w, self.b, self.a, self.c)
 
     @torch.no_grad()
-    def mse_gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The squared loss of each replica, mean_i (f_r(x_i) - y_i)^2, and its exact gradient
-        (what autograd's backward of their sum gives, without the autograd graph): x: (n, d)
-        and y: (n,) shared, or (R, n, d) and (R, n) per replica -> (loss (R,), grad_c, grad_a,
-        grad_w, grad_b), the last two None for a frozen first layer, grad_b None without bias.
+    def net_at_init(self, x: torch.Tensor) -> torch.Tensor:
+        """f_0(x): the net at its init (kept only with a lazy scale), computed as :meth:`net`
+        is, so that the lazy model is exactly 0 at init: (R, n)."""
+        return self._output(x, self.w0, self.b0, self.a0, self.c0)
+
+    def _output(
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        b: torch.Tensor | None,
+        a: torch.Tensor,
+        c: torch.Tensor,
+    ) -> torch.Tensor:
+        if x.dim() == 3:
+            h = self.act(self._pre_activations(x, w, b))
+            out = torch.baddbmm(c.view(-1, 1, 1), h, a.unsqueeze(-1), alpha=self.multiplier)
+            return out.squeeze(-1)
+        h = self.act(self._pre_activations(x, w, b))  # (n, R, width)
+        if self.replicas == 1:  # a plain matmul: its backward is a matmul too
+            out = torch.addmm(c, h.view(x.shape[0], self.width), a.t(), alpha=self.multiplier)
+            return out.t()
+        return torch.add(c, (h * a).sum(-1), alpha=self.multiplier).t()
+
+    @torch.no_grad()
+    def loss_gradients(
+        self, x: torch.Tensor, y: torch.Tensor, loss: str = "mse"
+    ) -> tuple[torch.Tensor, ...]:
+        """Each replica's loss, mean_i l(f_r(x_i), y_i) (l of :data:`LOSSES`), and the exact
+        gradient of the training objective (what autograd's backward of their sum gives, without
+        the autograd graph): x: (n, d) and y: (n,) shared, or (R, n, d) and (R, n) per replica
+        -> (loss (R,), grad_c, grad_a, grad_w, grad_b), the last two None for a frozen first
+        layer, grad_b None without bias. With a lazy scale alpha the prediction is
+        p = alpha (f - f_0) and the objective mean_i l(p_i, y_i) / alpha^2.
 
         The backward of the two layers is written out so that it runs in place where autograd
-        would allocate anew: with e = 2 (f - y) / n, grad_c = sum_i e, grad_a = m sum_i e act(pre),
-        grad_w = m a sum_i e act'(pre) x_i and grad_b = m a sum_i e act'(pre)."""
+        would allocate anew: with e = l'(p) / (n alpha) (alpha = 1 without a lazy scale),
+        grad_c = sum_i e, grad_a = m sum_i e act(pre), grad_w = m a sum_i e act'(pre) x_i and
+        grad_b = m a sum_i e act'(pre)."""
         # Units by samples, (R, width, n): the layout in which BLAS runs these matmuls fastest
         # (n is the short side), and every replica's block is contiguous.
         shared = x.dim() == 2
@@ -147,13 +196,16 @@ class TwoLayerNet(nn.Module):
         out = torch.baddbmm(  # f: (R, 1, n) = c + m a (1, width) @ act (width, n)
             self.c.view(-1, 1, 1), self.a.unsqueeze(1), hidden, alpha=self.multiplier
         )
-        residual = out.view(R, n) - y
-        loss = residual.square().mean(dim=1)
-        e = residual.mul_(2.0 / n)  # d loss / d f: (R, n)
+        prediction, scale = out.view(R, n), 1.0
+        if self.lazy_scale is not None:
+            scale = self.lazy_scale
+            prediction = (prediction - self.net_at_init(x)).mul_(scale)
+        losses = LOSSES[loss](prediction, y).mean(dim=1)
+        e = LOSS_DERIVATIVES[loss](prediction, y).mul_(1.0 / (n * scale))  # d objective / d f
         grad_c = e.sum(dim=1)
         grad_a = torch.bmm(hidden, e.unsqueeze(-1)).view(R, self.width).mul_(self.multiplier)
         if self.frozen:
-            return loss, grad_c, grad_a, None, None
+            return losses, grad_c, grad_a, None, None
         # act'(pre_ji) e_i, in the activations' buffer (for ReLU act' = sign(act)); the factor
         # m a_j of the gradient at unit j is applied after the sums over i, to (width, d) only.
         slope = (hidden.sign_() if relu else self.act_derivative(pre)).mul_(e.unsqueeze(1))
@@ -161,10 +213,10 @@ class TwoLayerNet(nn.Module):
         grad_w = (slope.view(-1, n) @ x).view_as(self.w) if shared else torch.bmm(slope, x)
         grad_w.mul_(scale.unsqueeze(-1))
         grad_b = None if self.b is None else slope.sum(dim=-1).mul_(scale)
-        return loss, grad_c, grad_a, grad_w, grad_b
+        return losses, grad_c, grad_a, grad_w, grad_b
 
     def set_gradients(self, grads: tuple[torch.Tensor | None, ...]) -> None:
-        """Put the gradients of :meth:`mse_gradients` (after the loss) into ``.grad``."""
+        """Put the gradients of :meth:`loss_gradients` (after the loss) into ``.grad``."""
         for param, grad in zip((self.c, self.a, self.w, self.b), grads, strict=True):
             if grad is not None:
                 param.grad = grad
@@ -192,7 +244,7 @@ class LinearizedNet(nn.Module):
         super().__init__()
         self.d, self.width, self.replicas = net.d, net.width, net.replicas
         self.act, self.act_derivative = net.act, net.act_derivative
-        self.multiplier = net.multiplier
+        self.multiplier, self.parameterization = net.multiplier, net.parameterization
         self.register_buffer("w0", net.w.detach().clone())
         self.register_buffer("b0", None if net.b is None else net.b.detach().clone())
         self.register_buffer("a0", net.a.detach().clone())
@@ -254,5 +306,6 @@ def build_model(cfg: DictConfig, seed: int, device: torch.device) -> TwoLayerNet
         output_init=cfg.output_init,
         seed=seed,
         device=device,
+        lazy_scale=cfg.lazy_scale,
     )
     return LinearizedNet(net) if cfg.regime == "linearized" else net

@@ -8,15 +8,56 @@ import torch
 from omegaconf import DictConfig, ListConfig
 from torch import nn
 
+# The parameter groups of the two-layer net and of its linearization (dw = w - w0, db = b - b0).
+PARAMETER_GROUPS = {"a": "a", "c": "c", "w": "w", "b": "b", "dw": "w", "db": "b"}
+
+
+def lr_multipliers(
+    optimizer: str, parameterization: str, width: int, scaling: str
+) -> dict[str, float]:
+    """Each parameter group's learning rate as a multiple of ``optimizer.lr``.
+
+    ``scaling=uniform``: 1 for every group. ``scaling=parameterization``: the multiples that
+    make every group's share of one step's change in f independent of the width N, so that one
+    base rate trains each parameterization at every width (as in the mean-field and
+    maximal-update papers). SGD: each group's share of the tangent kernel,
+    sum_j |df/dtheta_j|^2, is O(1) (then all three parameterizations have the same tangent
+    kernel at init); Adam, whose update is about lr per coordinate: sum_j |df/dtheta_j| is.
+
+                     SGD: a      w, b    c        Adam: a     w, b     c
+        standard         1/N     1       1              1/N   1/sqrt N  1
+        ntk              1       1       1          1/sqrt N  1/sqrt N  1
+        mean_field       N       N       1              1     1         1
+    """
+    if scaling == "uniform":
+        return dict.fromkeys("awbc", 1.0)
+    root = math.sqrt(width)
+    table = {
+        ("sgd", "standard"): (1 / width, 1.0),
+        ("sgd", "ntk"): (1.0, 1.0),
+        ("sgd", "mean_field"): (float(width), float(width)),
+        ("adam", "standard"): (1 / width, 1 / root),
+        ("adam", "ntk"): (1 / root, 1 / root),
+        ("adam", "mean_field"): (1.0, 1.0),
+    }
+    a, first_layer = table[optimizer, parameterization]
+    return {"a": a, "w": first_layer, "b": first_layer, "c": 1.0}
+
 
 def build_optimizer(
     cfg: DictConfig, model: nn.Module, steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """The optimizer named by ``cfg.name`` over the trainable parameters, and its schedule.
-    With one lr per replica the optimizer runs at the first; :class:`PerReplicaRates` rescales.
-    Both run fused: one kernel updates every parameter and its state."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """The optimizer named by ``cfg.name`` over the trainable parameters, one group per
+    parameter at the rate ``lr`` x :func:`lr_multipliers`, and its schedule. With one lr per
+    replica the optimizer runs at the first; :class:`PerReplicaRates` rescales. Both run fused:
+    one kernel updates every parameter and its state."""
     lr = base_lr(cfg.lr)
+    multipliers = lr_multipliers(cfg.name, model.parameterization, model.width, cfg.lr_scaling)
+    params = [
+        {"params": [p], "lr": lr * multipliers[PARAMETER_GROUPS[name]], "name": name}
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    ]
     if cfg.name == "sgd":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(
             params,

@@ -24,13 +24,30 @@ RECORD_NAME = "metrics.json"
 CHECKPOINT_NAME = "checkpoint.pt"
 # Keys that do not change what a run computes: a checkpoint stays valid across them.
 NOT_IN_FINGERPRINT = ("progress", "aggregate", "checkpoint_every", "resume", "threads")
-METRICS = ("test_error", "test_mse", "train_loss", "train_error", "test_error_sample")
+LAZINESS = (  # randfeat_torch.diagnostics
+    "w_movement",
+    "b_movement",
+    "a_movement",
+    "linearization_distance",
+    "kernel_distance",
+)
+METRICS = (
+    "test_error",
+    "test_mse",
+    "train_loss",
+    "train_error",
+    "test_error_sample",
+    "test_zero_one",
+    *LAZINESS,
+)
 TAGS = {
     "train_loss": "train/loss",
     "train_error": "train/error",
     "test_error": "test/error",
     "test_error_sample": "test/error_by_sample_variance",
     "test_mse": "test/mse",
+    "test_zero_one": "test/zero_one_error",
+    **{name: f"lazy/{name}" for name in LAZINESS},
 }
 # TensorBoard's custom-scalars tab: the normalised errors and theory's on one chart.
 LAYOUT = {
@@ -265,7 +282,7 @@ class RunRecord:
         """Write the hparams entry (mean over replicas of the final metrics) and close."""
         if final is not None:
             metric_dict = {}
-            for name in METRICS:
+            for name in (m for m in METRICS if m in final):
                 mean = float(final[name].double().mean())
                 metric_dict[f"hparams/{name}"] = mean if math.isfinite(mean) else float("nan")
             for summary in hparams(self.hparam_dict, metric_dict):

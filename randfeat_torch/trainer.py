@@ -27,8 +27,15 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from randfeat_torch.config import ConfigError, penalty_list, ridge_feature_count, validate
-from randfeat_torch.models import LinearizedNet, TwoLayerNet, build_model
-from randfeat_torch.optim import GradientPrecision, PerReplicaRates, base_lr, build_optimizer
+from randfeat_torch.diagnostics import Laziness
+from randfeat_torch.models import LOSSES, LinearizedNet, TwoLayerNet, build_model
+from randfeat_torch.optim import (
+    GradientPrecision,
+    PerReplicaRates,
+    base_lr,
+    build_optimizer,
+    lr_multipliers,
+)
 from randfeat_torch.record import CHECKPOINT_NAME, RunRecord, load_checkpoint
 from randfeat_torch.ridge import (
     CentredMoments,
@@ -184,24 +191,41 @@ class TestSet:
                 target.name,
                 f"is constant on the {cfg.n_test} test inputs: no variance to normalise by",
             )
+        self.loss = cfg.loss
+        if self.loss != "mse" and not bool((self.y.abs() == 1).all()):
+            raise ConfigError(
+                "loss",
+                self.loss,
+                f"is a loss for +-1 labels, but target={target.name} on input={cfg.input.name} "
+                "takes other values: use loss=mse, or a parity on input=hypercube",
+            )
 
     @torch.no_grad()
     def evaluate(self, model: Model, train_loss: torch.Tensor) -> dict[str, torch.Tensor]:
         """Test MSE and normalised test error per replica, each (R,), in bounded memory, with
-        the train loss (R,) and its normalised value (by the same test variance)."""
+        the train loss (R,) (of ``loss``) and, for the squared loss, its normalised value (by
+        the same test variance); for +-1 losses the test 0-1 error of sign(f) instead."""
         n = self.x.shape[0]
         chunk = max(1, EVAL_ELEMENTS // (model.replicas * model.width))
         sse = torch.zeros(model.replicas, device=self.x.device)
+        wrong = torch.zeros_like(sse)
         for i in range(0, n, chunk):
-            sse += (model(self.x[i : i + chunk]) - self.y[i : i + chunk]).square().sum(dim=1)
+            f, y = model(self.x[i : i + chunk]), self.y[i : i + chunk]
+            sse += (f - y).square().sum(dim=1)
+            if self.loss != "mse":
+                wrong += (torch.sign(f) != y).sum(dim=1)
         mse = sse / n
-        return {
+        metrics = {
             "test_mse": mse,
             "test_error": mse / self.variance,
             "test_error_sample": mse / self.sample_variance,
             "train_loss": train_loss,
-            "train_error": train_loss / self.variance,
         }
+        if self.loss == "mse":
+            metrics["train_error"] = train_loss / self.variance
+        else:
+            metrics["test_zero_one"] = wrong / n
+        return metrics
 
     @torch.no_grad()
     def evaluate_output_layers(
@@ -279,15 +303,17 @@ def compile_step(function: Callable, device: torch.device) -> Callable:
 def gradient_step(
     cfg: DictConfig, model: Model, params: list[torch.Tensor]
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``step(x, y)``: each replica's squared loss (R,), its gradient left in ``.grad`` of the
-    trained ``params``.
+    """``step(x, y)``: each replica's loss (R,) (``cfg.loss``), the gradient of its training
+    objective (see :meth:`TwoLayerNet.loss_gradients`) left in ``.grad`` of the trained
+    ``params``.
 
     ``backward=analytic`` uses the two-layer net's hand-written gradient (the linearized model
     has none and takes autograd); ``compile=true`` hands the step to :func:`compile_step`."""
     device = next(model.parameters()).device
     wrap = (lambda f: compile_step(f, device)) if cfg.compile else (lambda f: f)
+    loss_name = cfg.loss
     if cfg.backward == "analytic" and isinstance(model, TwoLayerNet):
-        gradients = wrap(model.mse_gradients)
+        gradients = wrap(lambda x, y: model.loss_gradients(x, y, loss_name))
 
         def analytic(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             loss, *grads = gradients(x, y)
@@ -296,13 +322,15 @@ def gradient_step(
 
         return analytic
 
-    loss_of = wrap(lambda x, y: (model(x) - y).square().mean(dim=1))
+    per_sample = LOSSES[loss_name]
+    scale = getattr(model, "lazy_scale", None) or 1.0
+    loss_of = wrap(lambda x, y: per_sample(model(x), y).mean(dim=1))
 
     def autograd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         for p in params:
             p.grad = None
         loss = loss_of(x, y)
-        loss.sum().backward()
+        (loss.sum() / scale**2).backward()
         return loss.detach()
 
     return autograd
@@ -693,6 +721,15 @@ def path_record(
     }
 
 
+def steps_to_error_record(thresholds: list[float], reached: torch.Tensor) -> dict[str, object]:
+    """The record's ``steps_to_error``: per threshold (a key such as "0.1") the first evaluated
+    step whose test error was at or below it, null if none; a list over replicas when R > 1."""
+    rows = [[None if s < 0 else s for s in row] for row in reached.t().tolist()]
+    return {
+        f"{t:g}": row[0] if len(row) == 1 else row for t, row in zip(thresholds, rows, strict=True)
+    }
+
+
 class Loop:
     """The optimizer loop: ``steps`` minibatch steps, evaluating every ``eval_every``, with a
     checkpoint every ``checkpoint_every`` steps (default: at every evaluation) and on SIGTERM
@@ -719,6 +756,15 @@ class Loop:
         self.batches = Batches(cfg, data)
         self.optimizer, self.scheduler = build_optimizer(cfg.optimizer, model, cfg.steps)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        # each group's rate: optimizer.lr (the first, with one per replica) x its multiplier
+        self.learning_rates = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+        opt = cfg.optimizer
+        multipliers = lr_multipliers(opt.name, model.parameterization, cfg.width, opt.lr_scaling)
+        probe = test_set.x[: cfg.lazy_probe]
+        self.laziness = Laziness(model, probe, test_set.variance, multipliers)
+        self.thresholds = [float(t) for t in cfg.steps_to_error]
+        # the first evaluated step at or below each threshold, per replica (-1: not yet)
+        self.reached = torch.full((cfg.replicas, len(self.thresholds)), -1, dtype=torch.long)
         self.gradient_step = gradient_step(cfg, model, self.params)
         rounding = make_generator(data.device, cfg.seed, ROUNDING_STREAM)
         self.precision = GradientPrecision(cfg.optimizer, rounding)
@@ -744,6 +790,7 @@ class Loop:
             "loss_sum": self.loss_sum,
             "steps_in_sum": self.steps_in_sum,
             "best_test_error": self.best,
+            "steps_to_error": self.reached,
         }
 
     def restore(self, state: dict) -> None:
@@ -759,6 +806,7 @@ class Loop:
         self.loss_sum.copy_(state["loss_sum"])
         self.steps_in_sum = state["steps_in_sum"]
         self.best = state["best_test_error"]
+        self.reached = state["steps_to_error"]
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.signal = signum  # acted on at the end of the step (after an evaluation in flight)
@@ -768,6 +816,7 @@ class Loop:
         (set-up, evaluation and saving left out; 0 when interrupted)."""
         if checkpoint is not None:
             self.restore(checkpoint)
+        self.record.write("running", learning_rates=self.learning_rates)
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             return self._steps()
@@ -833,14 +882,19 @@ class Loop:
     def _evaluate(self, steps_per_s: float) -> dict[str, torch.Tensor]:
         """Test metrics, TensorBoard, the record; marks divergence (NaN or Inf)."""
         metrics = self.test_set.evaluate(self.model, self.loss_sum / self.steps_in_sum)
+        metrics |= self.laziness.measure(self.model)
         self.loss_sum.zero_()
         self.steps_in_sum = 0
         self.record.log_eval(self.step, metrics)
         finite = torch.isfinite(metrics["train_loss"]) & torch.isfinite(metrics["test_error"])
-        self.best = torch.fmin(self.best, metrics["test_error"].detach().cpu())
+        error = metrics["test_error"].detach().cpu()
+        self.best = torch.fmin(self.best, error)
+        below = torch.tensor(self.thresholds).unsqueeze(0) >= error.unsqueeze(1)  # (R, T)
+        self.reached = torch.where((self.reached < 0) & below, self.step, self.reached)
         fields = dict(
             metrics=metrics,
             best_test_error=[v if v < float("inf") else None for v in self.best.tolist()],
+            steps_to_error=steps_to_error_record(self.thresholds, self.reached),
             steps_done=self.step,
             wall_time_s=time.perf_counter() - self.start,
             steps_per_s=steps_per_s,

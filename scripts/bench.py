@@ -152,7 +152,7 @@ def compiled_vs_eager(device: torch.device, steps: int, repeats: int) -> dict:
     x, y = torch.randn(256, 64, device=device), torch.randn(256, device=device)
     clock = Stopwatch(device)
     start = clock.mark()
-    compiled = compile_step(net.mse_gradients, device)
+    compiled = compile_step(net.loss_gradients, device)
     compiled(x, y)
     compile_s = clock.since(start)
 
@@ -162,7 +162,7 @@ def compiled_vs_eager(device: torch.device, steps: int, repeats: int) -> dict:
             gradients(x, y)
         return steps / clock.since(start)
 
-    figure = interleaved(lambda: rate(net.mse_gradients), lambda: rate(compiled), repeats)
+    figure = interleaved(lambda: rate(net.loss_gradients), lambda: rate(compiled), repeats)
     saved_per_step = 1 / figure["baseline"] - 1 / figure["ours"]
     # the steps after which compiling has paid for itself (None: it never does)
     break_even = round(compile_s / saved_per_step) if saved_per_step > 0 else None

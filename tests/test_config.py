@@ -104,6 +104,17 @@ def test_groups_read_the_top_level_knobs(make_cfg):
         ("device=tpu", "invalid config: device=tpu (allowed: auto, cpu, cuda)"),
         ("target.d=5", "invalid config: target.d=5 (must equal d=8"),
         ("optimizer.warmup_steps=20", "optimizer.warmup_steps=20 (must be < steps=20)"),
+        ("optimizer.lr_scaling=mup", "optimizer.lr_scaling=mup (allowed: parameterization, "),
+        ("loss=huber", "invalid config: loss=huber (allowed: mse, hinge, logistic)"),
+        ("model.lazy_scale=-2", "model.lazy_scale=-2.0 (must be a finite number > 0)"),
+        ("model=linearized model.lazy_scale=10", "model.lazy_scale=10.0 (needs model=trainable"),
+        (
+            "model=frozen optimizer=ridge n_train=100 model.lazy_scale=10",
+            "model.lazy_scale=10.0 (optimizer=ridge fits the model's optimum",
+        ),
+        ("model=frozen optimizer=ridge n_train=100 loss=hinge", "loss=hinge (optimizer=ridge"),
+        ("lazy_probe=1000", "lazy_probe=1000 (must be <= n_test=512"),
+        ("steps_to_error=[0.1,-1]", "steps_to_error.1=-1.0 (must be a finite number > 0)"),
     ],
 )
 def test_bad_values_are_refused_with_one_sentence(make_cfg, override, message):

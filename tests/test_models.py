@@ -60,7 +60,7 @@ def test_analytic_gradient_equals_autograd(
     loss.sum().backward()
     expected = {name: p.grad for name, p in net.named_parameters() if p.grad is not None}
     net.zero_grad(set_to_none=True)
-    analytic_loss, *grads = net.mse_gradients(x, y)
+    analytic_loss, *grads = net.loss_gradients(x, y)
     net.set_gradients(grads)
     got = {name: p.grad for name, p in net.named_parameters() if p.grad is not None}
     assert got.keys() == expected.keys() == ({"a", "c"} if frozen else {"a", "c", "w", *"b" * bias})
