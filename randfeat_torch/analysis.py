@@ -621,6 +621,155 @@ def plot_error_vs_weight_norm(solved: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+LAZINESS_NAME = "laziness.csv"
+MOVED_FIRST_LAYER = ("trainable", "linearized")  # models whose first layer trains
+
+
+def _series(frame: pd.DataFrame) -> pd.Series:
+    """The name of a trained model's curve: the model, its parameterization and lazy scale."""
+    name = frame["model"].astype(str)
+    if "model.parameterization" in frame:
+        name = name + " " + frame["model.parameterization"].astype(str)
+    if "model.lazy_scale" in frame:
+        alpha = frame["model.lazy_scale"]
+        name = name + alpha.map(lambda a: "" if pd.isna(a) else f" alpha={a:g}")
+    return name
+
+
+def laziness_rows(ok: pd.DataFrame) -> pd.DataFrame:
+    """The runs with laziness measures (trained by an optimizer), each named by its series."""
+    if "w_movement" not in ok or not ok["w_movement"].notna().any():
+        return pd.DataFrame()
+    lazy = ok[ok["w_movement"].notna()].copy()
+    lazy["series"] = _series(lazy)
+    return lazy
+
+
+def movement_table(lazy: pd.DataFrame) -> pd.DataFrame:
+    """The power law of the first layer's movement in the width, w_movement ~ width^k, fitted by
+    least squares on the log of every seed's value, per target and series of a model whose
+    first layer trains: k, its 95% interval, the points and the width range. The NTK scaling
+    predicts k = -1/2, mean field k = 0."""
+    rows = []
+    moved = lazy[lazy["model"].astype(str).isin(MOVED_FIRST_LAYER) & (lazy["w_movement"] > 0)]
+    for (target, series), frame in moved.groupby(["target", "series"], sort=True):
+        # the power law is the polynomial law of fit_growth, with the width as its x
+        fit = fit_growth(
+            frame["width"].to_numpy(float), frame["w_movement"].to_numpy(float), "polynomial"
+        )
+        if fit is None:
+            continue
+        rows.append(
+            {
+                "target": target,
+                "series": series,
+                "slope": fit.slope,
+                "slope_low": fit.slope_low,
+                "slope_high": fit.slope_high,
+                "points": fit.points,
+                "width_min": frame["width"].min(),
+                "width_max": frame["width"].max(),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _lazy_panels(
+    lazy: pd.DataFrame, columns: dict[str, str], title: str, ylabel: str, x: str = "width"
+) -> plt.Figure:
+    """A panel per target: ``columns`` (name: style) against ``x`` (log-log), a color per
+    series, mean and 95% interval over seeds and replicas; zeros are left out (log axis)."""
+    targets = sorted(lazy["target"].astype(str).unique())
+    fig, axes = _panels(len(targets), title)
+    series = sorted(lazy["series"].unique())
+    for ax, target in zip(axes, targets, strict=True):
+        frame = lazy[lazy["target"].astype(str) == target]
+        for i, name in enumerate(series):
+            by_series = frame[frame["series"] == name]
+            for column, style in columns.items():
+                shown = by_series[by_series[column] > 0]
+                if shown[x].nunique() < 1:
+                    continue
+                label = name if len(columns) == 1 else f"{name}: {column}"
+                _line_with_band(ax, shown, x, f"C{i % 10}", label, column, style)
+        ax.set_xscale("log")
+        _plain_ticks(ax, sorted(frame[x].dropna().unique()))
+        ax.set_title(target, fontsize=8)
+        ax.set_xlabel(x)
+        ax.legend(fontsize=5)
+    axes[0].set_ylabel(ylabel)
+    return fig
+
+
+def plot_movement_vs_width(lazy: pd.DataFrame, slopes: pd.DataFrame) -> plt.Figure | None:
+    """||W_t - W_0|| / ||W_0|| against width for the models whose first layer trains, with
+    the fitted power (NTK predicts width^(-1/2), mean field O(1))."""
+    moved = lazy[lazy["model"].astype(str).isin(MOVED_FIRST_LAYER)].copy()
+    if moved.empty or moved["width"].nunique() < 2:
+        return None
+    powers = {(r.target, r.series): r for r in slopes.itertuples()}
+
+    def name(row: pd.Series) -> str:
+        fit = powers.get((row["target"], row["series"]))
+        return row["series"] if fit is None else f"{row['series']} (k = {fit.slope:.2f})"
+
+    moved["series"] = moved.apply(name, axis=1)
+    title = "first-layer movement (fit: width^k)"
+    return _lazy_panels(moved, {"w_movement": "o-"}, title, "relative movement")
+
+
+def plot_distances_vs_width(lazy: pd.DataFrame) -> plt.Figure | None:
+    """The kernel distance (solid) and the distance to the linearization (dashed) against
+    width, for the trained nets (0 for the linearized model and random features)."""
+    nets = lazy[lazy["model"].astype(str) == "trainable"]
+    if nets.empty or nets["width"].nunique() < 2:
+        return None
+    columns = {"kernel_distance": "o-", "linearization_distance": "s--"}
+    title = "kernel (solid), linearization (dashed)"
+    return _lazy_panels(nets, columns, title, "distance")
+
+
+def plot_lazy_errors(lazy: pd.DataFrame) -> plt.Figure | None:
+    """The test error against width of every trained model: the net under each
+    parameterization beside its linearization (NT) and random features (RF) of the same width
+    and training."""
+    if lazy["width"].nunique() < 2 or lazy["model"].nunique() < 2:
+        return None
+    title = "test error: net, NT and RF"
+    return _lazy_panels(lazy, {"test_error": "o-"}, title, "normalised test error")
+
+
+def plot_lazy_scale(lazy: pd.DataFrame) -> plt.Figure | None:
+    """Movement, distance to the linearization, kernel distance and test error against the
+    lazy scale alpha (Chizat, Oyallon & Bach: alpha -> infinity is the lazy limit)."""
+    if "model.lazy_scale" not in lazy or lazy["model.lazy_scale"].nunique() < 2:
+        return None
+    scaled = lazy[lazy["model.lazy_scale"].notna()].copy()
+    scaled["series"] = scaled["model"].astype(str)
+    columns = {
+        "w_movement": "o-",
+        "linearization_distance": "s--",
+        "kernel_distance": "^:",
+        "test_error": "x-",
+    }
+    scaled = scaled.rename(columns={"model.lazy_scale": "lazy_scale"})
+    return _lazy_panels(
+        scaled, columns, "laziness against the lazy scale alpha", "value", "lazy_scale"
+    )
+
+
+def summarise_laziness(slopes: pd.DataFrame) -> list[str]:
+    """Summary lines of the fitted powers of the first layer's movement."""
+    if slopes.empty:
+        return []
+    lines = [
+        "first-layer movement ~ width^k (least squares on every seed's log movement; NTK "
+        "predicts k = -0.5, mean field k = 0):"
+    ]
+    lines.append(slopes.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    return lines
+
+
 def summarise_growth(
     needed: pd.DataFrame, growth: pd.DataFrame, trained: pd.DataFrame
 ) -> list[str]:
@@ -680,8 +829,15 @@ def summarise(
     ok = table[table["status"] == "ok"] if not table.empty else table
     if not ok.empty:
         # The label, d, width and the free sweep variables; keys inside a group follow its pick.
-        own = [k for k in swept if k not in GROUPS and k.split(".")[0] not in GROUPS]
-        own = [k for k in own if k not in (*SEED_KEYS, "replicas")]  # intervals span seeds
+        # A key inside a group is the sweep's own when it varies within one label (a swept
+        # model.parameterization), not only with the group's pick (optimizer.name with fit).
+        own = [
+            k
+            for k in swept
+            if k not in GROUPS
+            and (k.split(".")[0] not in GROUPS or ok.groupby("label")[k].nunique().max() > 1)
+        ]
+        own = [k for k in own if k not in (*SEED_KEYS, "replicas", "optimizer.lr")]
         rates = ["optimizer.lr"] if "optimizer.lr" in swept else []
         keys = list(dict.fromkeys(k for k in ["label", "d", "width", *own, *rates] if k in ok))
         stats = _stats(ok.fillna({k: "-" for k in rates}), keys).set_index(keys)
@@ -710,7 +866,7 @@ def aggregate(root: Path | str, eps: float = 0.1, out: Path | str | None = None)
     figures: dict[str, Path] = {}
     needed = pd.DataFrame(columns=["label", "d", "width_needed"])
     paths, path_needed, growth = pd.DataFrame(), pd.DataFrame(), pd.DataFrame()
-    trained = pd.DataFrame()
+    trained, lazy, slopes = pd.DataFrame(), pd.DataFrame(), pd.DataFrame()
     if not table.empty:
         table["label"] = _label(table)
         columns = ["run", "replica", "status", "label", *GROUPS, *swept, "d", "width"]
@@ -741,10 +897,20 @@ def aggregate(root: Path | str, eps: float = 0.1, out: Path | str | None = None)
             plots["width_needed"] = plot_width_needed(needed, eps)
         if not ok.empty:
             plots |= {"error_vs_width": plot_error_vs_width(ok), "error_vs_d": plot_error_vs_d(ok)}
+            lazy = laziness_rows(ok)
+        if not lazy.empty:
+            slopes = movement_table(lazy)
+            if not slopes.empty:
+                slopes.to_csv(out / LAZINESS_NAME, index=False)
+            plots |= {
+                "movement_vs_width": plot_movement_vs_width(lazy, slopes),
+                "distances_vs_width": plot_distances_vs_width(lazy),
+                "lazy_errors": plot_lazy_errors(lazy),
+                "lazy_scale": plot_lazy_scale(lazy),
+            }
         figures = _save_figures({k: v for k, v in plots.items() if v is not None}, out, root)
-    summary = summarise(
-        table, problems, swept, needed, eps, summarise_growth(path_needed, growth, trained)
-    )
+    extra = summarise_growth(path_needed, growth, trained) + summarise_laziness(slopes)
+    summary = summarise(table, problems, swept, needed, eps, extra)
     (out / SUMMARY_NAME).write_text(summary)
     return Aggregate(table, problems, swept, summary, figures, paths, path_needed, growth)
 

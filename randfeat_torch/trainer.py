@@ -760,11 +760,14 @@ class Loop:
         self.learning_rates = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
         opt = cfg.optimizer
         multipliers = lr_multipliers(opt.name, model.parameterization, cfg.width, opt.lr_scaling)
-        probe = test_set.x[: cfg.lazy_probe]
-        self.laziness = Laziness(model, probe, test_set.variance, multipliers)
+        probe = test_set.x[: cfg.lazy_probe]  # the first lazy_probe test inputs (all if fewer)
+        self.laziness = (
+            Laziness(model, probe, test_set.variance, multipliers) if cfg.lazy_probe else None
+        )
         self.thresholds = [float(t) for t in cfg.steps_to_error]
         # the first evaluated step at or below each threshold, per replica (-1: not yet)
         self.reached = torch.full((cfg.replicas, len(self.thresholds)), -1, dtype=torch.long)
+        self.laziness_s = 0.0  # seconds spent on the laziness measures in this process
         self.gradient_step = gradient_step(cfg, model, self.params)
         rounding = make_generator(data.device, cfg.seed, ROUNDING_STREAM)
         self.precision = GradientPrecision(cfg.optimizer, rounding)
@@ -882,7 +885,11 @@ class Loop:
     def _evaluate(self, steps_per_s: float) -> dict[str, torch.Tensor]:
         """Test metrics, TensorBoard, the record; marks divergence (NaN or Inf)."""
         metrics = self.test_set.evaluate(self.model, self.loss_sum / self.steps_in_sum)
-        metrics |= self.laziness.measure(self.model)
+        if self.laziness is not None:
+            clock = Stopwatch(self.data.device)
+            mark = clock.mark()
+            metrics |= self.laziness.measure(self.model)
+            self.laziness_s += clock.since(mark)
         self.loss_sum.zero_()
         self.steps_in_sum = 0
         self.record.log_eval(self.step, metrics)
@@ -895,6 +902,7 @@ class Loop:
             metrics=metrics,
             best_test_error=[v if v < float("inf") else None for v in self.best.tolist()],
             steps_to_error=steps_to_error_record(self.thresholds, self.reached),
+            laziness_s=self.laziness_s,
             steps_done=self.step,
             wall_time_s=time.perf_counter() - self.start,
             steps_per_s=steps_per_s,

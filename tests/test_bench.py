@@ -39,6 +39,7 @@ def test_bench_quick_produces_every_figure(tmp_path):
             "width_path",
             "width_path_sampled",
             "penalty_path",
+            "laziness",
             "startup",
             "compile",
         }

@@ -113,7 +113,7 @@ def test_groups_read_the_top_level_knobs(make_cfg):
             "model.lazy_scale=10.0 (optimizer=ridge fits the model's optimum",
         ),
         ("model=frozen optimizer=ridge n_train=100 loss=hinge", "loss=hinge (optimizer=ridge"),
-        ("lazy_probe=1000", "lazy_probe=1000 (must be <= n_test=512"),
+        ("lazy_probe=-1", "lazy_probe=-1 (must be an integer >= 0 (0: no laziness measures))"),
         ("steps_to_error=[0.1,-1]", "steps_to_error.1=-1.0 (must be a finite number > 0)"),
     ],
 )

@@ -55,6 +55,8 @@ def test_every_preset_has_a_small_variant_and_a_sweep():
         "parity",
         "rf_vs_nt_vs_nn",
         "rf_wall",
+        "lazy_vs_active",
+        "lazy_scale",
     }
     for preset in FULL:
         assert f"{preset}_small" in PRESETS
@@ -140,6 +142,24 @@ def test_rf_wall_small_measures_the_wall(tmp_path):
         seeds.setdefault(point, []).extend(record["replica_seeds"])
     for point, found in seeds.items():  # the seed sweep trained disjoint networks
         assert len(found) == len(set(found)) == (9 if point[0] == "nn_wall" else 3), point
+
+
+@pytest.mark.slow
+def test_lazy_vs_active_small_the_ntk_net_moves_less_as_it_widens(tmp_path):
+    plots = ["movement_vs_width", "distances_vs_width", "lazy_errors"]
+    table = run_preset("lazy_vs_active_small", tmp_path, plots)
+    assert (table["status"] == "ok").all() and len(table) == 3 * 2 * 2 * 2
+    mean = table.groupby(["model", "model.parameterization", "width"]).mean(numeric_only=True)
+    ntk, mean_field = mean.loc[("trainable", "ntk")], mean.loc[("trainable", "mean_field")]
+    # NTK scaling: movement ~ width^(-1/2), a quarter from 64 to 1024; half is the bar.
+    assert ntk.loc[1024, "w_movement"] < 0.5 * ntk.loc[64, "w_movement"]
+    assert ntk.loc[1024, "kernel_distance"] < 0.1 * ntk.loc[64, "kernel_distance"]
+    # Mean field keeps moving at every width: feature learning.
+    assert mean_field.loc[1024, "w_movement"] > 3 * ntk.loc[1024, "w_movement"]
+    assert (table.loc[table["model"] == "frozen", "w_movement"] == 0).all()
+    linearized = table[table["model"] == "linearized"]
+    assert (linearized["linearization_distance"] < 1e-8).all()
+    assert (linearized["kernel_distance"] == 0).all()
 
 
 @pytest.mark.slow
