@@ -104,17 +104,18 @@ def expected_jobs(root: Path) -> int | None:
     return count
 
 
-PER_REPLICA_KEYS = ("replicas", "model.replicas", "optimizer.lr")  # replaced by each replica's
+PER_REPLICA_LISTS = ("optimizer.lr", "optimizer.grad_precision")  # one value per replica
+PER_REPLICA_KEYS = ("replicas", "model.replicas", *PER_REPLICA_LISTS)  # replaced by each replica's
 
 
 def _network_key(
-    config: dict[str, Any], choices: dict[str, Any], r: int, seed: int, rate: Any
+    config: dict[str, Any], choices: dict[str, Any], r: int, seed: int, own: Any
 ) -> str:
     """What makes replica r's network and its fit, in the curve it belongs to: the flat config
     without the seeds, the replica count and the keys that do not change results, the group
     choices (two targets may coincide at one d under two names: rf_wall's relu_neuron_hard and
     relu_neuron_kink2 at d = 16), with the replica's own seed, the seed of the data it trained
-    on (none for a population fit) and its learning rate."""
+    on (none for a population fit) and its own values of the PER_REPLICA_LISTS (``own``)."""
     skip = (*SEED_KEYS, *NOT_IN_FINGERPRINT, *PER_REPLICA_KEYS)
     kept = {k: v for k, v in config.items() if k not in skip}
     data = config.get("data_seed")
@@ -123,7 +124,7 @@ def _network_key(
         data = replica_seed(data, r)
     if config.get("optimizer.population"):
         data = None
-    return json.dumps([kept, choices, seed, data, rate], sort_keys=True, default=str)
+    return json.dumps([kept, choices, seed, data, own], sort_keys=True, default=str)
 
 
 def _path_rows(path: dict[str, Any], r: int, row: dict[str, Any]) -> tuple[list, list]:
@@ -174,9 +175,12 @@ def read_records(root: Path) -> Records:
         # Records before replica_seeds was written used seed + r.
         seeds = record.get("replica_seeds") or [config.get("seed", 0) + r for r in range(replicas)]
         for r in range(replicas):
-            rate = config.get("optimizer.lr")
-            rate = rate[r] if isinstance(rate, tuple) else rate
-            key = _network_key(config, choices, r, seeds[r], rate)
+            own = {
+                k: v[r] if isinstance(v, tuple) else v
+                for k in PER_REPLICA_LISTS
+                if (v := config.get(k)) is not None
+            }
+            key = _network_key(config, choices, r, seeds[r], own)
             if status == "ok" and key in seen:
                 problems.append(
                     {
@@ -191,8 +195,7 @@ def read_records(root: Path) -> Records:
             row = {"run": run, "replica": r, "status": status, **config}
             row.update({g: choices.get(g, config.get(f"{g}.name")) for g in GROUPS})
             row["replica_seed"] = seeds[r]
-            if isinstance(config.get("optimizer.lr"), tuple):  # one rate per replica
-                row["optimizer.lr"] = config["optimizer.lr"][r]
+            row.update(own)  # one rate (or precision) per replica: this replica's
             row.update({m: _replica_value(metrics.get(m), r) for m in METRICS})
             for threshold, steps in (record.get("steps_to_error") or {}).items():
                 row[f"steps_to_error.{threshold}"] = _replica_value(steps, r)
@@ -770,6 +773,159 @@ def summarise_laziness(slopes: pd.DataFrame) -> list[str]:
     return lines
 
 
+PRECISION_NAME = "precision.csv"
+PRECISION_GOAL = 0.1  # the error the threshold precision is read at
+PRECISION_KEY = "optimizer.grad_precision"
+
+
+def precision_rows(ok: pd.DataFrame) -> pd.DataFrame:
+    """The runs trained with a grid of gradient precisions (one per replica; 0: exact), with
+    their rounding (``nearest`` or ``stochastic``)."""
+    if PRECISION_KEY not in ok or not ok[PRECISION_KEY].notna().any():
+        return pd.DataFrame()
+    rows = ok[ok[PRECISION_KEY].notna()].copy()
+    stochastic = rows.get("optimizer.stochastic_rounding", pd.Series(False, index=rows.index))
+    rows["rounding"] = np.where(stochastic.fillna(False).astype(bool), "stochastic", "nearest")
+    rows[PRECISION_KEY] = rows[PRECISION_KEY].astype(float)
+    if "seed" not in rows:
+        rows["seed"] = 0
+    return rows
+
+
+def threshold_table(rows: pd.DataFrame, goal: float = PRECISION_GOAL) -> pd.DataFrame:
+    """Per target, rounding, d and seed: the largest precision c at which the net's test error
+    is at or below ``goal`` (0: only the exact gradient got there; NaN: not even that), the
+    coarsest c of the grid, and the steps the exact net took to reach ``goal``."""
+    steps = f"steps_to_error.{goal:g}"
+    out = []
+    for (target, rounding, d, seed), frame in rows.groupby(
+        ["target", "rounding", "d", "seed"], sort=True
+    ):
+        reached = frame[frame["test_error"] <= goal][PRECISION_KEY]
+        exact = frame[frame[PRECISION_KEY] == 0]
+        out.append(
+            {
+                "target": target,
+                "rounding": rounding,
+                "d": d,
+                "seed": seed,
+                "threshold_precision": reached.max() if not reached.empty else math.nan,
+                "coarsest": frame[PRECISION_KEY].max(),
+                "exact_error": exact["test_error"].mean() if not exact.empty else math.nan,
+                "exact_steps": exact[steps].mean()
+                if steps in exact and not exact.empty
+                else math.nan,
+            }
+        )
+    return pd.DataFrame(out)
+
+
+def _references(ok: pd.DataFrame) -> pd.DataFrame:
+    """The optimum of random features and the NT model (the ridge runs) per target and d:
+    mean test error over seeds."""
+    ridge = ok[ok.get("optimizer", pd.Series("", index=ok.index)).astype(str) == "ridge"]
+    if ridge.empty:
+        return pd.DataFrame(columns=["target", "d", "model", "test_error"])
+    return ridge.groupby(["target", "d", "model"])["test_error"].mean().reset_index()
+
+
+def plot_error_vs_precision(rows: pd.DataFrame, ok: pd.DataFrame) -> plt.Figure | None:
+    """Final test error against the precision c (log; exact drawn a decade left of the finest
+    c), a panel per target and rounding, a line per d, with the RF (dashed) and NT (dotted)
+    optimum of the same width and d as reference lines."""
+    if rows[PRECISION_KEY].nunique() < 2:
+        return None
+    panels = sorted(rows.groupby(["target", "rounding"]).groups)
+    fig, axes = _panels(len(panels), "test error against gradient precision c")
+    finest = rows.loc[rows[PRECISION_KEY] > 0, PRECISION_KEY].min()
+    exact_at = finest / 10
+    references = _references(ok)
+    for ax, (target, rounding) in zip(axes, panels, strict=True):
+        frame = rows[(rows["target"] == target) & (rows["rounding"] == rounding)].copy()
+        frame["c"] = frame[PRECISION_KEY].where(frame[PRECISION_KEY] > 0, exact_at)
+        for i, (d, by_d) in enumerate(frame.groupby("d")):
+            color = f"C{i % 10}"
+            _line_with_band(ax, by_d, "c", color, f"d={d}")
+            ref = references[(references["target"] == target) & (references["d"] == d)]
+            for model, style in (("frozen", "--"), ("linearized", ":")):
+                value = ref.loc[ref["model"] == model, "test_error"]
+                if not value.empty and value.iloc[0] > 0:
+                    ax.axhline(value.iloc[0], color=color, ls=style, lw=0.9)
+        ax.set_xscale("log")
+        grid = sorted(frame["c"].unique())
+        ax.set_xticks(grid, ["0" if c == exact_at else f"{c:g}" for c in grid], fontsize=6)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_title(f"{target}, {rounding} (RF --, NT :)", fontsize=8)
+        ax.set_xlabel("precision c")
+        ax.legend(fontsize=5)
+    axes[0].set_ylabel("normalised test error")
+    return fig
+
+
+def _per_d(ax: plt.Axes, table: pd.DataFrame, column: str, label: str, color: str) -> None:
+    """Every seed's value against d (dots) and the geometric mean over seeds (line)."""
+    finite = table[np.isfinite(table[column]) & (table[column] > 0)]
+    ax.plot(finite["d"], finite[column], ".", color=color, alpha=0.5)
+    mean = finite.groupby("d")[column].apply(lambda v: float(np.exp(np.log(v).mean())))
+    ax.plot(mean.index, mean.values, "o-", color=color, label=label)
+
+
+def plot_threshold_precision(thresholds: pd.DataFrame) -> plt.Figure | None:
+    """The largest precision c at which the net still reaches the goal error, against d: a
+    panel per target, a line per rounding (seeds as dots; a seed whose exact net missed, or
+    that reached only at c = 0, is left out)."""
+    if thresholds["d"].nunique() < 2:
+        return None
+    targets = sorted(thresholds["target"].unique())
+    fig, axes = _panels(len(targets), f"largest precision c reaching error {PRECISION_GOAL:g}")
+    for ax, target in zip(axes, targets, strict=True):
+        frame = thresholds[thresholds["target"] == target]
+        for i, (rounding, by_rounding) in enumerate(frame.groupby("rounding")):
+            _per_d(ax, by_rounding, "threshold_precision", rounding, f"C{i}")
+        coarsest = frame["coarsest"].max()
+        ax.axhline(coarsest, color="gray", ls=":", lw=0.9)
+        ax.set_title(f"{target} (grid top {coarsest:g}: dotted)", fontsize=8)
+        ax.set_xlabel("d")
+        ax.legend(fontsize=5)
+    axes[0].set_ylabel("threshold precision c")
+    return fig
+
+
+def plot_steps_to_error(thresholds: pd.DataFrame) -> plt.Figure | None:
+    """Steps the exact-precision net took to reach the goal error, against d: a panel per
+    target (resolution eval_every; seeds that never got there are left out)."""
+    if thresholds["d"].nunique() < 2 or not np.isfinite(thresholds["exact_steps"]).any():
+        return None
+    targets = sorted(thresholds["target"].unique())
+    fig, axes = _panels(len(targets), f"steps to error {PRECISION_GOAL:g}, exact gradients")
+    for ax, target in zip(axes, targets, strict=True):
+        frame = thresholds[thresholds["target"] == target]
+        _per_d(ax, frame, "exact_steps", "exact precision", "C0")
+        ax.set_title(target, fontsize=8)
+        ax.set_xlabel("d")
+        ax.legend(fontsize=5)
+    axes[0].set_ylabel("steps")
+    return fig
+
+
+def summarise_precision(thresholds: pd.DataFrame) -> list[str]:
+    """Summary lines: the threshold precision and the exact net's steps, per point."""
+    if thresholds.empty:
+        return []
+    table = thresholds.groupby(["target", "rounding", "d"]).agg(
+        threshold_precision_min=("threshold_precision", "min"),
+        threshold_precision_max=("threshold_precision", "max"),
+        exact_error=("exact_error", "mean"),
+        exact_steps=("exact_steps", "mean"),
+        seeds=("seed", "count"),
+    )
+    return [
+        f"largest gradient precision c whose net reaches test error {PRECISION_GOAL:g} (min and"
+        " max over seeds; NaN: not even the exact net), and the exact net's error and steps:",
+        table.to_string(float_format=lambda v: f"{v:.3g}"),
+    ]
+
+
 def summarise_growth(
     needed: pd.DataFrame, growth: pd.DataFrame, trained: pd.DataFrame
 ) -> list[str]:
@@ -829,13 +985,15 @@ def summarise(
     ok = table[table["status"] == "ok"] if not table.empty else table
     if not ok.empty:
         # The label, d, width and the free sweep variables; keys inside a group follow its pick.
-        # A key inside a group is the sweep's own when it varies within one label (a swept
-        # model.parameterization), not only with the group's pick (optimizer.name with fit).
+        # A key inside a group is the sweep's own when it varies at one label, d and width (a
+        # swept model.parameterization), not only with those (optimizer.name with the fit,
+        # target.norm with d).
+        point = [k for k in ("label", "d", "width") if k in ok]
         own = [
             k
             for k in swept
             if k not in GROUPS
-            and (k.split(".")[0] not in GROUPS or ok.groupby("label")[k].nunique().max() > 1)
+            and (k.split(".")[0] not in GROUPS or ok.groupby(point)[k].nunique().max() > 1)
         ]
         own = [k for k in own if k not in (*SEED_KEYS, "replicas", "optimizer.lr")]
         rates = ["optimizer.lr"] if "optimizer.lr" in swept else []
@@ -867,6 +1025,7 @@ def aggregate(root: Path | str, eps: float = 0.1, out: Path | str | None = None)
     needed = pd.DataFrame(columns=["label", "d", "width_needed"])
     paths, path_needed, growth = pd.DataFrame(), pd.DataFrame(), pd.DataFrame()
     trained, lazy, slopes = pd.DataFrame(), pd.DataFrame(), pd.DataFrame()
+    thresholds = pd.DataFrame()
     if not table.empty:
         table["label"] = _label(table)
         columns = ["run", "replica", "status", "label", *GROUPS, *swept, "d", "width"]
@@ -897,7 +1056,18 @@ def aggregate(root: Path | str, eps: float = 0.1, out: Path | str | None = None)
             plots["width_needed"] = plot_width_needed(needed, eps)
         if not ok.empty:
             plots |= {"error_vs_width": plot_error_vs_width(ok), "error_vs_d": plot_error_vs_d(ok)}
-            lazy = laziness_rows(ok)
+            # every config key, not only the swept ones: a precision grid in one rounding
+            everything = records.table.loc[ok.index].assign(label=ok["label"])
+            lazy = laziness_rows(everything)
+            rows = precision_rows(everything)
+            if not rows.empty:
+                thresholds = threshold_table(rows)
+                thresholds.to_csv(out / PRECISION_NAME, index=False)
+                plots |= {
+                    "error_vs_precision": plot_error_vs_precision(rows, everything),
+                    "threshold_precision": plot_threshold_precision(thresholds),
+                    "steps_to_error": plot_steps_to_error(thresholds),
+                }
         if not lazy.empty:
             slopes = movement_table(lazy)
             if not slopes.empty:
@@ -910,6 +1080,7 @@ def aggregate(root: Path | str, eps: float = 0.1, out: Path | str | None = None)
             }
         figures = _save_figures({k: v for k, v in plots.items() if v is not None}, out, root)
     extra = summarise_growth(path_needed, growth, trained) + summarise_laziness(slopes)
+    extra += summarise_precision(thresholds)
     summary = summarise(table, problems, swept, needed, eps, extra)
     (out / SUMMARY_NAME).write_text(summary)
     return Aggregate(table, problems, swept, summary, figures, paths, path_needed, growth)

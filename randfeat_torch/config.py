@@ -134,7 +134,7 @@ class OptimizerConfig:
     warmup_steps: int = 0
     lr_scaling: str = "parameterization"  # per-group rate multiples (optim.lr_multipliers)
     grad_clip: float | None = None
-    grad_precision: float | None = None
+    grad_precision: Any = None  # a number, or one per replica (a list of R numbers, 0: exact)
     stochastic_rounding: bool = False
 
 
@@ -455,9 +455,19 @@ def _validate_optimizer(cfg: DictConfig) -> None:
         raise ConfigError(
             "optimizer.warmup_steps", opt.warmup_steps, f"must be < steps={cfg.steps}"
         )
-    for key in ("optimizer.grad_clip", "optimizer.grad_precision"):
-        if _get(cfg, key) is not None:
-            _positive(cfg, key)
+    if opt.grad_clip is not None:
+        _positive(cfg, "optimizer.grad_clip")
+    if isinstance(opt.grad_precision, ListConfig):
+        if len(opt.grad_precision) != cfg.replicas:
+            raise ConfigError(
+                "optimizer.grad_precision",
+                list(opt.grad_precision),
+                f"a list needs one precision per replica: {cfg.replicas} numbers (0: exact)",
+            )
+        for i in range(cfg.replicas):
+            _positive(cfg, f"optimizer.grad_precision.{i}", allow_zero=True)
+    elif opt.grad_precision is not None:
+        _positive(cfg, "optimizer.grad_precision")
     if opt.stochastic_rounding and opt.grad_precision is None:
         raise ConfigError(
             "optimizer.stochastic_rounding", True, "needs optimizer.grad_precision to be set"

@@ -127,11 +127,16 @@ def schedule_factor(schedule: str, warmup_steps: int, steps: int):
 class GradientPrecision:
     """Finite-precision gradients (the bSGD model of Karchmer & Malach, ICML 2025): clip each
     coordinate to [-grad_clip, grad_clip], then round it to a multiple of grad_precision, to the
-    nearest or (``stochastic_rounding``) up or down at random with the unbiased probabilities."""
+    nearest or (``stochastic_rounding``) up or down at random with the unbiased probabilities.
+    ``grad_precision`` as a list gives each replica its own precision (0: exact), so that one
+    pass trains a grid of precisions side by side."""
 
     def __init__(self, cfg: DictConfig, gen: torch.Generator) -> None:
         self.clip, self.precision = cfg.grad_clip, cfg.grad_precision
         self.stochastic, self.gen = cfg.stochastic_rounding, gen
+        self.per_replica: list[torch.Tensor] | None = None
+        if isinstance(self.precision, ListConfig):
+            self.precision = torch.tensor([float(c) for c in self.precision])
 
     @property
     def active(self) -> bool:
@@ -140,14 +145,24 @@ class GradientPrecision:
     @torch.no_grad()
     def apply(self, params: list[torch.Tensor]) -> None:
         """Transform every ``p.grad`` in place."""
-        for p in params:
+        if isinstance(self.precision, torch.Tensor) and self.per_replica is None:
+            # (R, 1, ...) per parameter; 1 where a replica is exact, which it then keeps exact
+            c = self.precision.to(params[0].device)
+            self.per_replica = [c.view(-1, *[1] * (p.dim() - 1)) for p in params]
+        for i, p in enumerate(params):
             g = p.grad
             if self.clip is not None:
                 g.clamp_(-self.clip, self.clip)
-            if self.precision is not None:
-                g.div_(self.precision)
-                if self.stochastic:
-                    g.add_(torch.rand(g.shape, generator=self.gen, device=g.device)).floor_()
-                else:
-                    g.round_()
-                g.mul_(self.precision)
+            if self.precision is None:
+                continue
+            c = self.precision if self.per_replica is None else self.per_replica[i]
+            exact = None if self.per_replica is None else g.clone()
+            step = c if exact is None else torch.where(c > 0, c, 1.0)
+            g.div_(step)
+            if self.stochastic:
+                g.add_(torch.rand(g.shape, generator=self.gen, device=g.device)).floor_()
+            else:
+                g.round_()
+            g.mul_(step)
+            if exact is not None:
+                torch.where(c > 0, g, exact, out=g)

@@ -10,7 +10,13 @@ import pytest
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from randfeat_torch.analysis import aggregate, expected_jobs, width_to_reach
+from randfeat_torch.analysis import (
+    aggregate,
+    expected_jobs,
+    movement_table,
+    threshold_table,
+    width_to_reach,
+)
 from randfeat_torch.record import atomic_write_json
 from scripts.aggregate import main as aggregate_main
 
@@ -137,3 +143,42 @@ def test_the_script_refuses_a_folder_that_is_not_there(tmp_path, capsys):
     assert "no sweep folder" in capsys.readouterr().err
     assert aggregate_main([str(tmp_path)]) == 1  # a folder with no runs: says so, exit 1
     assert "runs with a record: 0" in capsys.readouterr().out
+
+
+def test_threshold_precision_is_the_coarsest_grid_point_that_reaches_the_goal():
+    rows = pd.DataFrame(
+        {
+            "target": "parity",
+            "rounding": "nearest",
+            "d": [8] * 4 + [12] * 4,
+            "seed": 0,
+            "optimizer.grad_precision": [0.0, 1e-3, 1e-2, 1e-1] * 2,
+            # d=8: 1e-2 reaches 0.1 but 1e-1 does not; d=12: only the exact net gets there
+            "test_error": [0.01, 0.05, 0.09, 0.6, 0.02, 0.2, 0.4, 0.9],
+            "steps_to_error.0.1": [300.0, 400.0, 900.0, None, 700.0, None, None, None],
+        }
+    )
+    table = threshold_table(rows).set_index("d")
+    assert table.loc[8, "threshold_precision"] == 1e-2
+    assert table.loc[12, "threshold_precision"] == 0.0
+    assert table.loc[8, "exact_steps"] == 300 and table.loc[12, "exact_steps"] == 700
+    assert (table["coarsest"] == 1e-1).all()
+    rows.loc[rows["d"] == 12, "test_error"] = 0.5  # not even exact: NaN, never 0
+    assert math.isnan(threshold_table(rows).set_index("d").loc[12, "threshold_precision"])
+
+
+def test_the_movement_power_law_is_fitted_over_every_seed():
+    widths = [64, 256, 1024, 4096]
+    rows = pd.DataFrame(
+        {
+            "target": "t",
+            "series": "trainable ntk",
+            "model": "trainable",
+            "width": widths * 2,
+            "w_movement": [3 * w**-0.5 for w in widths] + [5 * w**-0.5 for w in widths],
+        }
+    )
+    slope = movement_table(rows).iloc[0]
+    assert slope["slope"] == pytest.approx(-0.5, abs=1e-12)
+    assert slope["slope_low"] < -0.5 < slope["slope_high"]  # the seeds' offsets widen it
+    assert slope["points"] == 8

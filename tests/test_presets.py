@@ -57,6 +57,7 @@ def test_every_preset_has_a_small_variant_and_a_sweep():
         "rf_wall",
         "lazy_vs_active",
         "lazy_scale",
+        "bsgd_precision",
     }
     for preset in FULL:
         assert f"{preset}_small" in PRESETS
@@ -160,6 +161,23 @@ def test_lazy_vs_active_small_the_ntk_net_moves_less_as_it_widens(tmp_path):
     linearized = table[table["model"] == "linearized"]
     assert (linearized["linearization_distance"] < 1e-8).all()
     assert (linearized["kernel_distance"] == 0).all()
+
+
+@pytest.mark.slow
+def test_bsgd_precision_small_exact_gradients_beat_the_coarsest(tmp_path):
+    plots = ["error_vs_precision", "threshold_precision", "steps_to_error"]
+    table = run_preset("bsgd_precision_small", tmp_path, plots)
+    assert (table["status"] == "ok").all()
+    nets = table[table["fit"] == "bsgd_nearest"]
+    assert len(nets) == 2 * 2 * 7  # two targets, two d, seven precisions
+    error = nets.groupby(["target", "d", "optimizer.grad_precision"])["test_error"].mean()
+    for d in (6, 10):
+        exact, coarsest = error[("parity_k2", d, 0.0)], error[("parity_k2", d, 1.0)]
+        assert exact < 0.1 < 0.5 < coarsest, d  # rounding to 1 stops learning altogether
+    thresholds = pd.read_csv(tmp_path / "bsgd_precision_small" / "precision.csv")
+    assert len(thresholds) == 4 and (thresholds["threshold_precision"] < 1).all()
+    # the ridge references are there for every target and d
+    assert len(table[table["optimizer"] == "ridge"].groupby(["fit", "target", "d"])) == 8
 
 
 @pytest.mark.slow

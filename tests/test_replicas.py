@@ -87,9 +87,32 @@ def test_one_learning_rate_per_replica_equals_separate_runs(run, optimizer):
         assert close(batched.metrics["test_error"][r], single.metrics["test_error"][0]), r
 
 
+def test_one_gradient_precision_per_replica_equals_separate_runs(run):
+    """Replica 0 exact (precision 0), replica 1 rounded to nearest multiples of 0.01."""
+    plain = [*BASE, "optimizer.momentum=0"]
+    batched = run(*plain, "replicas=2", "optimizer.grad_precision=[0,0.01]")
+    for r, precision in enumerate(["null", "0.01"]):
+        single = run(
+            *plain,
+            "replicas=1",
+            f"seed={replica_seed(5, r)}",
+            "data_seed=5",
+            f"optimizer.grad_precision={precision}",
+        )
+        assert close(batched.metrics["test_error"][r], single.metrics["test_error"][0]), r
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        (
+            ["replicas=2", "optimizer.grad_precision=[0.1]"],
+            "a list needs one precision per replica: 2 numbers (0: exact)",
+        ),
+        (
+            ["replicas=2", "optimizer.grad_precision=[0.1,-1]"],
+            "optimizer.grad_precision.1=-1 (must be a finite number >= 0)",
+        ),
         (["replicas=2", "optimizer.lr=[0.1,0.2,0.3]"], "a list needs one rate per replica: 2"),
         (
             ["replicas=2", "optimizer.lr=[0.1,-1]"],
