@@ -53,11 +53,17 @@ def build_optimizer(
     one kernel updates every parameter and its state."""
     lr = base_lr(cfg.lr)
     multipliers = lr_multipliers(cfg.name, model.parameterization, model.width, cfg.lr_scaling)
-    params = [
-        {"params": [p], "lr": lr * multipliers[PARAMETER_GROUPS[name]], "name": name}
-        for name, p in model.named_parameters()
-        if p.requires_grad
-    ]
+    # One optimizer group per multiplier (one group under ntk with SGD: one fused kernel).
+    groups: dict[float, dict] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            multiplier = multipliers[PARAMETER_GROUPS[name]]
+            group = groups.setdefault(
+                multiplier, {"params": [], "lr": lr * multiplier, "names": []}
+            )
+            group["params"].append(p)
+            group["names"].append(name)
+    params = list(groups.values())
     if cfg.name == "sgd":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(
             params,

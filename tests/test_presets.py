@@ -168,7 +168,7 @@ def test_bsgd_precision_small_exact_gradients_beat_the_coarsest(tmp_path):
     plots = ["error_vs_precision", "threshold_precision", "steps_to_error"]
     table = run_preset("bsgd_precision_small", tmp_path, plots)
     assert (table["status"] == "ok").all()
-    nets = table[table["fit"] == "bsgd_nearest"]
+    nets = table[table["fit"] == "nn_bsgd_nearest"]
     assert len(nets) == 2 * 2 * 7  # two targets, two d, seven precisions
     error = nets.groupby(["target", "d", "optimizer.grad_precision"])["test_error"].mean()
     for d in (6, 10):
