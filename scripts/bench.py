@@ -59,7 +59,8 @@ from randfeat_torch.ridge import penalty_path, sampled_moments
 from randfeat_torch.trainer import POPULATION_FACTORS, Stopwatch, compile_step, train
 
 ROOT = CONFIG_DIR.parent
-AT_MOST = ("startup", "width_path", "width_path_sampled", "laziness")  # figures whose target is a ceiling
+# figures whose target is a ceiling
+AT_MOST = ("startup", "width_path", "width_path_sampled", "laziness")
 TARGETS = {
     "single_trainable": 1.0,
     "single_frozen": 1.0,
