@@ -64,20 +64,28 @@ def test_every_preset_has_a_small_variant_and_a_sweep():
         assert len(sweep_jobs(preset)) >= len(sweep_jobs(f"{preset}_small")) >= 2
 
 
+GROUP_KEYS = {"input", "target", "model", "optimizer", "fit", "experiment"}
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_job_of_every_preset_composes_and_validates(preset):
-    # Jobs that differ only in their seeds compose alike (a seed picks no option and is
-    # checked as a value): each seed-free combination once, with the first of its seeds.
-    jobs, seen = [], set()
-    for job in sweep_jobs(preset):
-        rest = tuple(o for o in job if not o.startswith(("seed=", "data_seed=")))
-        if rest not in seen:
-            seen.add(rest)
-            jobs.append(job)
+    # Hydra composes the config groups a job picks, then sets its values: each distinct pick of
+    # groups is composed once, and every job's values are set on a copy of it, as Hydra would.
+    parser = OverridesParser.create()
+    composed: dict[tuple[str, ...], object] = {}
+    jobs = sweep_jobs(preset)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         for job in jobs:
-            validate(compose("train", [f"experiment={preset}", *job, "device=cpu"]))
+            overrides = parser.parse_overrides(job)
+            groups = tuple(o.input_line for o in overrides if o.key_or_group in GROUP_KEYS)
+            if groups not in composed:
+                composed[groups] = compose("train", [f"experiment={preset}", *groups, "device=cpu"])
+            cfg = composed[groups].copy()
+            for o in overrides:
+                if o.key_or_group not in GROUP_KEYS:
+                    OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
+            validate(cfg)
     GlobalHydra.instance().clear()
 
 
