@@ -354,6 +354,8 @@ def hparams_of(cfg: DictConfig) -> dict[str, object]:
         "n_train": cfg.n_train,
         "activation": cfg.model.activation,
         "parameterization": cfg.model.parameterization,
+        "lazy_scale": cfg.model.lazy_scale,
+        "loss": cfg.loss,
     }
 
 
