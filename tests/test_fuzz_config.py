@@ -88,7 +88,7 @@ OVERRIDE = st.tuples(st.sampled_from(KEYS), st.one_of(NUMBERS, WORDS)).map(
 
 
 @settings(
-    max_examples=250, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
 @given(st.lists(OVERRIDE, min_size=1, max_size=3))
 def test_random_overrides_give_a_valid_config_or_one_sentence(overrides):

@@ -12,7 +12,7 @@ from randfeat_torch.config import ConfigError
 from randfeat_torch.diagnostics import Laziness
 from randfeat_torch.models import LOSSES, LinearizedNet, TwoLayerNet
 from randfeat_torch.optim import lr_multipliers
-from randfeat_torch.trainer import TestSet
+from randfeat_torch import trainer
 
 PLAIN_SGD = ["optimizer.momentum=0", "optimizer.lr=0.2", "d=16", "steps=300", "eval_every=100"]
 
@@ -189,7 +189,7 @@ def test_a_classification_loss_refuses_a_target_that_is_not_plus_or_minus_one(ru
 
 def test_steps_to_error_on_a_scripted_error_curve(run, monkeypatch):
     errors = iter([0.8, 0.4, 0.45, 0.05, 0.009, 0.3])  # at steps 10, 20, ..., 60
-    evaluate = TestSet.evaluate
+    evaluate = trainer.TestSet.evaluate
 
     def scripted(self, model, train_loss):
         metrics = evaluate(self, model, train_loss)
@@ -197,6 +197,6 @@ def test_steps_to_error_on_a_scripted_error_curve(run, monkeypatch):
             metrics["test_error"] = torch.full_like(metrics["test_error"], next(errors))
         return metrics
 
-    monkeypatch.setattr(TestSet, "evaluate", scripted)
+    monkeypatch.setattr(trainer.TestSet, "evaluate", scripted)
     result = run("steps=60", "eval_every=10", "steps_to_error=[0.5,0.1,0.01,0.001]")
     assert record_of(result)["steps_to_error"] == {"0.5": 20, "0.1": 40, "0.01": 50, "0.001": None}
