@@ -998,7 +998,8 @@ def summarise(
         own = [k for k in own if k not in (*SEED_KEYS, "replicas", "optimizer.lr")]
         rates = ["optimizer.lr"] if "optimizer.lr" in swept else []
         keys = list(dict.fromkeys(k for k in ["label", "d", "width", *own, *rates] if k in ok))
-        stats = _stats(ok.fillna({k: "-" for k in rates}), keys).set_index(keys)
+        # a key that some arms lack (a precision grid beside ridge runs) reads "-" there
+        stats = _stats(ok.fillna({k: "-" for k in [*own, *rates]}), keys).set_index(keys)
         lines.append(
             "mean normalised test error, 95% interval [low, high] over seeds and replicas:"
         )

@@ -12,6 +12,8 @@ Parameterizations (the output multiplier m and the init of a):
   mean_field  m = 1/width        a ~ N(0, 1)
 The first layer is the same in all three: w ~ N(0, I/d) (``init=gaussian``) or uniform on the
 unit sphere (``init=sphere``), hidden bias b ~ N(0, 1) when ``bias`` is on, c = 0.
+With a lazy scale alpha (Chizat, Oyallon & Bach, 2019) the model is alpha (f - f_0), f_0 the
+net at its init, trained on the loss / alpha^2.
 """
 
 from __future__ import annotations

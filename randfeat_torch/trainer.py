@@ -759,8 +759,8 @@ class Loop:
         self.optimizer, self.scheduler = build_optimizer(cfg.optimizer, model, cfg.steps)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         # each group's rate: optimizer.lr (the first, with one per replica) x its multiplier
-        self.learning_rates = {
-            name: g["lr"] for g in self.optimizer.param_groups for name in g["names"]
+        self.learning_rates = {  # before the schedule: a warm-up scales them all alike
+            name: g["initial_lr"] for g in self.optimizer.param_groups for name in g["names"]
         }
         opt = cfg.optimizer
         multipliers = lr_multipliers(opt.name, model.parameterization, cfg.width, opt.lr_scaling)

@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
+from randfeat_torch import trainer
 from randfeat_torch.config import ConfigError
 from randfeat_torch.diagnostics import Laziness
 from randfeat_torch.models import LOSSES, LinearizedNet, TwoLayerNet
 from randfeat_torch.optim import lr_multipliers
-from randfeat_torch import trainer
 
 PLAIN_SGD = ["optimizer.momentum=0", "optimizer.lr=0.2", "d=16", "steps=300", "eval_every=100"]
 
@@ -134,12 +134,15 @@ def test_a_trained_net_records_its_laziness(run):
 
 @pytest.mark.parametrize("loss", ["mse", "hinge", "logistic"])
 @pytest.mark.parametrize("lazy_scale", [None, 0.3, 40.0])
-@pytest.mark.parametrize(("frozen", "replicas", "shared"), [(False, 1, True), (True, 3, False)])
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize(
+    ("frozen", "replicas", "shared"), [(False, 1, True), (False, 3, False), (True, 3, False)]
+)
 def test_written_out_gradient_equals_autograd_for_every_loss_and_lazy_scale(
-    loss, lazy_scale, frozen, replicas, shared
+    loss, lazy_scale, activation, frozen, replicas, shared
 ):
     torch.manual_seed(0)
-    net = TwoLayerNet(5, 7, replicas, frozen, lazy_scale=lazy_scale, seed=3).double()
+    net = TwoLayerNet(5, 7, replicas, frozen, activation, lazy_scale=lazy_scale, seed=3).double()
     perturb(net)  # away from init, where the lazy model is 0
     batch = (11,) if shared else (replicas, 11)
     x = torch.randn(*batch, 5, dtype=torch.float64)
@@ -200,3 +203,44 @@ def test_steps_to_error_on_a_scripted_error_curve(run, monkeypatch):
     monkeypatch.setattr(trainer.TestSet, "evaluate", scripted)
     result = run("steps=60", "eval_every=10", "steps_to_error=[0.5,0.1,0.01,0.001]")
     assert record_of(result)["steps_to_error"] == {"0.5": 20, "0.1": 40, "0.01": 50, "0.001": None}
+
+
+@pytest.mark.parametrize("parameterization", ["ntk", "mean_field"])
+@pytest.mark.parametrize(
+    ("activation", "bias", "frozen"),
+    [("tanh", True, False), ("relu", False, False), ("tanh", True, True)],
+)
+def test_the_kernel_is_the_rate_weighted_tangent_kernel_of_autograd(
+    parameterization, activation, bias, frozen
+):
+    """K(x, x') = sum over trained groups g of mu_g <df(x)/dtheta_g, df(x')/dtheta_g>, built
+    from autograd's gradients at each probe point; the kernel distance is its cosine distance."""
+    net = TwoLayerNet(3, 20, 1, frozen, activation, bias, parameterization=parameterization, seed=4)
+    net = net.double()
+    laziness = laziness_of(net, probe=6)
+    perturb(net, 0.3)
+    mu = laziness.multipliers
+    trained = {name: p for name, p in net.named_parameters() if p.requires_grad}
+    rows = []
+    for x in laziness.x:
+        grads = torch.autograd.grad(net(x.unsqueeze(0)).sum(), list(trained.values()))
+        scaled = [mu[name] ** 0.5 * g.flatten() for name, g in zip(trained, grads, strict=True)]
+        rows.append(torch.cat(scaled))
+    jacobian = torch.stack(rows)
+    kernel = jacobian @ jacobian.T
+    unit = kernel / kernel.norm()
+    assert torch.allclose(laziness.unit_kernel(net)[0], unit, rtol=1e-10, atol=1e-13)
+    expected = 1 - (unit * laziness.kernel0[0]).sum()
+    got = laziness.measure(net)["kernel_distance"][0]
+    assert float(got) == pytest.approx(float(expected), rel=1e-8, abs=1e-14)
+
+
+def test_the_distance_to_the_linearization_scales_with_the_square_of_the_lazy_scale():
+    plain = TwoLayerNet(4, 30, activation="tanh", seed=1).double()
+    scaled = TwoLayerNet(4, 30, activation="tanh", seed=1, lazy_scale=3.0).double()
+    distances = []
+    for net in (plain, scaled):
+        laziness = laziness_of(net)
+        perturb(net, 0.2)
+        distances.append(float(laziness.measure(net)["linearization_distance"][0]))
+    assert distances[1] == pytest.approx(9 * distances[0], rel=1e-10)

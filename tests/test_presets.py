@@ -59,6 +59,9 @@ def test_every_preset_has_a_small_variant_and_a_sweep():
         "lazy_scale",
         "bsgd_precision",
     }
+    # a preset built on another replaces the axes it fixes (Hydra merges sweeper.params by key)
+    for preset, width in (("lazy_scale", "width=1024"), ("lazy_scale_small", "width=256")):
+        assert {o for job in sweep_jobs(preset) for o in job if o.startswith("width=")} == {width}
     for preset in FULL:
         assert f"{preset}_small" in PRESETS
         assert len(sweep_jobs(preset)) >= len(sweep_jobs(f"{preset}_small")) >= 2

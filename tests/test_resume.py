@@ -48,6 +48,7 @@ CASES = {
         "input=hypercube",
         "target=parity",
         "target.k=2",
+        "steps_to_error=[2,0.5]",  # 2: reached at the first evaluation
     ],
     "a rate too high, whose best error is not its last": [
         "steps=30",
@@ -106,6 +107,8 @@ def test_a_resumed_run_equals_an_uninterrupted_one(make_cfg, tmp_path, case, sto
     uninterrupted = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     for key in ("best_test_error", "steps_to_error"):
         assert final[key] == uninterrupted[key], key
+    if "target=parity" in CASES[case]:  # reached before every cut: it must come from the state
+        assert uninterrupted["steps_to_error"]["2"] == 10
     assert not (run_dir / CHECKPOINT_NAME).exists()  # a finished run leaves none behind
     if "replicas=2" not in CASES[case]:
         assert steps_logged(run_dir) == steps_logged(tmp_path / "whole") == [0, 10, 20, 30]
