@@ -48,6 +48,11 @@ def test_a_run_writes_its_record_and_tensorboard_scalars(tmp_path):
         "train_loss",
         "train_error",
         "test_error_sample",
+        "w_movement",
+        "b_movement",
+        "a_movement",
+        "linearization_distance",
+        "kernel_distance",
     }
     # The headline is normalised by the neuron's exact variance (1/2 - 1/(2 pi) at unit norm),
     # the other by the test sample's; both come from the same test MSE.
