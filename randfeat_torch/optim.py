@@ -47,8 +47,9 @@ def lr_multipliers(
 def build_optimizer(
     cfg: DictConfig, model: nn.Module, steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """The optimizer named by ``cfg.name`` over the trainable parameters, one group per
-    parameter at the rate ``lr`` x :func:`lr_multipliers`, and its schedule. With one lr per
+    """The optimizer named by ``cfg.name`` over the trainable parameters, one group per rate
+    multiplier of :func:`lr_multipliers` (at ``lr`` x it; the group holds its ``multiplier`` and
+    its parameters' ``names``), and its schedule. With one lr per
     replica the optimizer runs at the first; :class:`PerReplicaRates` rescales. Both run fused:
     one kernel updates every parameter and its state."""
     lr = base_lr(cfg.lr)
@@ -59,7 +60,8 @@ def build_optimizer(
         if p.requires_grad:
             multiplier = multipliers[PARAMETER_GROUPS[name]]
             group = groups.setdefault(
-                multiplier, {"params": [], "lr": lr * multiplier, "names": []}
+                multiplier,
+                {"params": [], "lr": lr * multiplier, "multiplier": multiplier, "names": []},
             )
             group["params"].append(p)
             group["names"].append(name)
@@ -152,18 +154,20 @@ class GradientPrecision:
     def apply(self, params: list[torch.Tensor]) -> None:
         """Transform every ``p.grad`` in place."""
         if isinstance(self.precision, torch.Tensor) and self.per_replica is None:
-            # (R, 1, ...) per parameter; 1 where a replica is exact, which it then keeps exact
+            # (R, 1, ...) per parameter: the step to round to, 1 where a replica is exact (whose
+            # gradient is then put back as it was), and which replicas round
             c = self.precision.to(params[0].device)
-            self.per_replica = [c.view(-1, *[1] * (p.dim() - 1)) for p in params]
+            shapes = [(-1, *[1] * (p.dim() - 1)) for p in params]
+            self.per_replica = [torch.where(c > 0, c, 1.0).view(shape) for shape in shapes]
+            self.rounds = [(c > 0).view(shape) for shape in shapes]
         for i, p in enumerate(params):
             g = p.grad
             if self.clip is not None:
                 g.clamp_(-self.clip, self.clip)
             if self.precision is None:
                 continue
-            c = self.precision if self.per_replica is None else self.per_replica[i]
+            step = self.precision if self.per_replica is None else self.per_replica[i]
             exact = None if self.per_replica is None else g.clone()
-            step = c if exact is None else torch.where(c > 0, c, 1.0)
             g.div_(step)
             if self.stochastic:
                 g.add_(torch.rand(g.shape, generator=self.gen, device=g.device)).floor_()
@@ -171,4 +175,4 @@ class GradientPrecision:
                 g.round_()
             g.mul_(step)
             if exact is not None:
-                torch.where(c > 0, g, exact, out=g)
+                torch.where(self.rounds[i], g, exact, out=g)

@@ -30,11 +30,11 @@ from randfeat_torch.config import ConfigError, penalty_list, ridge_feature_count
 from randfeat_torch.diagnostics import Laziness
 from randfeat_torch.models import LOSSES, LinearizedNet, TwoLayerNet, build_model
 from randfeat_torch.optim import (
+    PARAMETER_GROUPS,
     GradientPrecision,
     PerReplicaRates,
     base_lr,
     build_optimizer,
-    lr_multipliers,
 )
 from randfeat_torch.record import CHECKPOINT_NAME, RunRecord, load_checkpoint
 from randfeat_torch.ridge import (
@@ -762,8 +762,11 @@ class Loop:
         self.learning_rates = {  # before the schedule: a warm-up scales them all alike
             name: g["initial_lr"] for g in self.optimizer.param_groups for name in g["names"]
         }
-        opt = cfg.optimizer
-        multipliers = lr_multipliers(opt.name, model.parameterization, cfg.width, opt.lr_scaling)
+        multipliers = {  # the rates the optimizer runs at weight the laziness kernel
+            PARAMETER_GROUPS[name]: g["multiplier"]
+            for g in self.optimizer.param_groups
+            for name in g["names"]
+        }
         probe = test_set.x[: cfg.lazy_probe]  # the first lazy_probe test inputs (all if fewer)
         self.laziness = (
             Laziness(model, probe, test_set.variance, multipliers) if cfg.lazy_probe else None
