@@ -24,11 +24,11 @@ import pandas as pd
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from randfeat_torch.config import GROUPS
 from randfeat_torch.record import METRICS, NOT_IN_FINGERPRINT, RECORD_NAME
 from randfeat_torch.stats import fit_growth, mean_interval, width_to_reach
 from randfeat_torch.targets import replica_seed
 
-GROUPS = ("experiment", "fit", "model", "optimizer", "target", "input")
 TABLE_NAME, SUMMARY_NAME, TENSORBOARD_DIR = "results.csv", "summary.txt", "aggregate"
 WIDTH_NEEDED_NAME, GROWTH_NAME = "width_needed.csv", "width_growth.csv"
 THRESHOLDS = (0.5, 0.3, 0.1)  # errors at which the width needed is read off the width paths
@@ -64,15 +64,11 @@ class Aggregate:
     growth: pd.DataFrame
 
 
-def _flatten(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in node.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = tuple(value) if isinstance(value, list) else value
-    return flat
+def _flatten(config: dict[str, Any]) -> dict[str, Any]:
+    """A record's nested config as dotted keys (pandas' json_normalize), lists as tuples so
+    that the columns can be grouped by."""
+    flat = pd.json_normalize(config).iloc[0].to_dict()
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in flat.items()}
 
 
 def _replica_value(value: Any, r: int) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from randfeat_torch.config import SWEEP_DIR_VARIABLE, ConfigError, validate
+from randfeat_torch.config import GROUPS, SWEEP_DIR_VARIABLE, ConfigError, validate
 from randfeat_torch.record import RECORD_NAME, mark_failed, read_record
 from randfeat_torch.trainer import RunResult, train
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-GROUPS = ("input", "target", "model", "optimizer", "fit", "experiment")
 
 
 def load_config(overrides: list[str]) -> DictConfig:
@@ -49,10 +49,18 @@ def load_config(overrides: list[str]) -> DictConfig:
     except (ConfigCompositionException, OmegaConfBaseException) as error:
         cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else error
         key = getattr(cause, "full_key", None) or "config"
-        value = next(
-            (o.partition("=")[2] for o in overrides if o.lstrip("+~").startswith(f"{key}=")), "?"
+        value = next(  # the last override of the key is the one Hydra applied
+            (
+                o.partition("=")[2]
+                for o in reversed(overrides)
+                if o.lstrip("+~").startswith(f"{key}=")
+            ),
+            "?",
         )
         reason = str(getattr(cause, "msg", None) or cause).splitlines()[0]
+        choices = re.fullmatch(r"Invalid value '.*', expected one of \[(.*)\]", reason)
+        if choices:  # a field typed by one of config's closed sets of values
+            reason = f"allowed: {choices.group(1)}"
         raise ConfigError(key, value, reason) from None
     except (OverrideParseException, ValueError, TypeError) as error:  # "=3", "model=[1,2]"
         if isinstance(error, ConfigError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import datetime
+import enum
 import hashlib
 import math
 import operator
@@ -16,35 +17,69 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, ListConfig, OmegaConf
 
-ACTIVATIONS = ("relu", "gelu", "tanh", "softplus", "quadratic")
-PARAMETERIZATIONS = ("standard", "ntk", "mean_field")
-FIRST_LAYER_INITS = ("gaussian", "sphere")
-OUTPUT_INITS = ("gaussian", "zero")
-REGIMES = ("trainable", "frozen", "linearized")
-SCHEDULES = ("constant", "cosine")
-DEVICES = ("auto", "cpu", "cuda")
-REPLICA_DATA = ("shared", "independent")
-LOSS_NAMES = ("mse", "hinge", "logistic")
-BACKWARDS = ("analytic", "autograd")
-INPUTS = ("gaussian", "sphere", "hypercube")
+
+def _choices(name: str, values: str) -> type[enum.StrEnum]:
+    """A closed set of string values for a config field: OmegaConf refuses any other while
+    composing, listing these (each member's name is its value, so it reads as a plain str)."""
+    return enum.StrEnum(name, [(v, v) for v in values.split()], module=__name__)
+
+
+Regime = _choices("Regime", "trainable frozen linearized")  # the model group's options
+Activation = _choices("Activation", "relu gelu tanh softplus quadratic")
+Parameterization = _choices("Parameterization", "standard ntk mean_field")
+FirstLayerInit = _choices("FirstLayerInit", "gaussian sphere")
+OutputInit = _choices("OutputInit", "gaussian zero")
+Schedule = _choices("Schedule", "constant cosine")
+Device = _choices("Device", "auto cpu cuda")
+ReplicaData = _choices("ReplicaData", "shared independent")
+Loss = _choices("Loss", "mse hinge logistic")
+Backward = _choices("Backward", "analytic autograd")
+InputName = _choices("InputName", "gaussian sphere hypercube")
+PenaltyScale = _choices("PenaltyScale", "relative absolute")
+LrScaling = _choices("LrScaling", "parameterization uniform")
 TARGETS = ("relu_neuron", "polynomial", "zigzag", "parity")
 OPTIMIZERS = ("sgd", "adam", "ridge")
-PENALTY_SCALES = ("relative", "absolute")
-LR_SCALINGS = ("parameterization", "uniform")
+# The config groups a run picks one option of, in the order tables show them.
+GROUPS = ("experiment", "fit", "model", "optimizer", "target", "input")
 RELU_SUM_TARGETS = ("relu_neuron", "zigzag")  # targets whose Gaussian moments theory has exactly
-RIDGE_MEMORY_FRACTION = 0.5  # of the free memory that the ridge Gram matrices may take
 
 
-class ConfigError(ValueError):
-    """A config value that is not allowed; the message is one sentence for the user."""
+class UserError(Exception):
+    """A problem the user can fix, whose message is one sentence for them: the command line
+    prints it and exits with status 2 (a job of a sweep records it and the sweep goes on)."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value that is not allowed: the key, the value and what is allowed."""
 
     def __init__(self, key: str, value: Any, allowed: str) -> None:
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"invalid config: {key}={_show(value)} ({allowed})")
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be resumed (corrupt, another format, another config)."""
+
+    def __init__(self, path: Any, reason: str) -> None:
+        self.path = path
+        super().__init__(
+            f"cannot resume from {path}: it {reason}; resume=false starts fresh in a new folder"
+        )
+
+
+class OutputError(UserError):
+    """A run folder that cannot be created or written."""
+
+    def __init__(self, path: Any, reason: str) -> None:
+        self.path = path
+        super().__init__(f"cannot write the outputs of this run in {path}: it {reason}")
+
+
+class DataError(UserError):
+    """Data that the run cannot use, such as a target constant on the test set."""
 
 
 def _show(value: Any) -> str:
@@ -102,24 +137,24 @@ class ParityConfig(TargetConfig):
 class InputConfig:
     """The input distribution: gaussian N(0, I_d), sphere of radius sqrt(d), or {-1, +1}^d."""
 
-    name: str = "gaussian"
+    name: InputName = InputName.gaussian
 
 
 @dataclass
 class ModelConfig:
     """The two-layer net f(x) = m * sum_j a_j act(<w_j, x> + b_j) + c, with R replicas;
-    ``regime`` trains both layers, only the output layer, or the linearization at init."""
+    ``name`` (the option of the model group) trains both layers (trainable), only the output
+    layer (frozen: random features), or the linearization at init (linearized)."""
 
-    name: str = MISSING
+    name: Regime = MISSING
     d: int = II("d")
     width: int = II("width")
     replicas: int = II("replicas")
-    regime: str = MISSING
-    activation: str = "relu"
+    activation: Activation = Activation.relu
     bias: bool = True
-    init: str = "gaussian"
-    parameterization: str = "ntk"
-    output_init: str = "gaussian"
+    init: FirstLayerInit = FirstLayerInit.gaussian
+    parameterization: Parameterization = Parameterization.ntk
+    output_init: OutputInit = OutputInit.gaussian
     lazy_scale: float | None = None  # alpha: train alpha (f - f_0) on the loss / alpha^2
 
 
@@ -130,10 +165,10 @@ class OptimizerConfig:
     name: str = MISSING
     lr: Any = MISSING  # a number, or one per replica (a list of R numbers)
     weight_decay: float = 0.0
-    schedule: str = "constant"
+    schedule: Schedule = Schedule.constant
     warmup_steps: int = 0
-    lr_scaling: str = "parameterization"  # per-group rate multiples (optim.lr_multipliers)
-    grad_clip: float | None = None
+    lr_scaling: LrScaling = LrScaling.parameterization  # per-group rates (optim.lr_multipliers)
+    grad_clamp: float | None = None  # clamp each gradient coordinate to [-v, v]
     grad_precision: Any = None  # a number, or one per replica (a list of R numbers, 0: exact)
     stochastic_rounding: bool = False
 
@@ -160,7 +195,9 @@ class RidgeConfig:
 
     name: str = "ridge"
     penalty: Any = 1e-8  # a number; a list (the penalty path; the first is the fit); or "gcv"
-    penalty_scale: str = "relative"  # relative: times the features' mean variance; absolute
+    penalty_scale: PenaltyScale = (
+        PenaltyScale.relative
+    )  # times the features' mean variance; absolute
     gcv_penalties: list[float] = field(
         default_factory=lambda: [10.0**k for k in range(-8, 3)]
     )  # the path that penalty=gcv picks from
@@ -178,7 +215,7 @@ class TrainConfig:
     seed: int = 0
     data_seed: int | None = None
     replicas: int = 1
-    replica_data: str = "shared"
+    replica_data: ReplicaData = ReplicaData.shared
     steps: int = 2000
     batch_size: int = 256
     n_train: int | None = None
@@ -186,12 +223,13 @@ class TrainConfig:
     eval_every: int = 200
     checkpoint_every: int | None = None
     resume: bool = True
-    device: str = "auto"
-    threads: int | None = None
-    loss: str = "mse"
+    loss: Loss = Loss.mse
     steps_to_error: list[float] = field(default_factory=lambda: [0.5, 0.1, 0.01])
     lazy_probe: int = 256
-    backward: str = "analytic"
+    # plumbing: how the run is computed, not what
+    device: Device = Device.auto
+    threads: int | None = None
+    backward: Backward = Backward.analytic
     compile: bool = False
     progress: bool = True
     aggregate: bool = False
@@ -279,12 +317,6 @@ def register_configs() -> None:
         cs.store(group=f"schema/{group}", name=name, node=node)
 
 
-def count_monomials(d: int, degree: int, include_lower: bool) -> int:
-    """Distinct monomials in d variables of degree exactly ``degree`` (or 1..degree)."""
-    degrees = range(1, degree + 1) if include_lower else [degree]
-    return sum(math.comb(d + k - 1, k) for k in degrees)
-
-
 def _int_at_least(cfg: DictConfig, key: str, low: int, why: str = "") -> None:
     value = _get(cfg, key)
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -321,7 +353,6 @@ def validate(cfg: DictConfig) -> None:
     _int_at_least(cfg, "seed", 0)
     if cfg.data_seed is not None:
         _int_at_least(cfg, "data_seed", 0)
-    _one_of(cfg, "replica_data", REPLICA_DATA)
     if cfg.n_train is not None:
         _int_at_least(cfg, "n_train", 1)
         if cfg.n_train < cfg.batch_size and not ridge:
@@ -332,16 +363,11 @@ def validate(cfg: DictConfig) -> None:
             )
     if cfg.checkpoint_every is not None:
         _int_at_least(cfg, "checkpoint_every", 1)
-    _one_of(cfg, "device", DEVICES)
-    _one_of(cfg, "backward", BACKWARDS)
-    _one_of(cfg, "loss", LOSS_NAMES)
     for i in range(len(cfg.steps_to_error)):
         _positive(cfg, f"steps_to_error.{i}")
     _int_at_least(cfg, "lazy_probe", 0, " (0: no laziness measures)")
     if cfg.threads is not None:
         _int_at_least(cfg, "threads", 1)
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", "cuda", "CUDA is not available here; allowed: auto, cpu")
     for key, top in (("target.d", "d"), ("model.d", "d"), ("model.width", "width")):
         if _get(cfg, key) != cfg[top]:
             raise ConfigError(
@@ -349,36 +375,9 @@ def validate(cfg: DictConfig) -> None:
             )
     if cfg.model.replicas != cfg.replicas:
         raise ConfigError("model.replicas", cfg.model.replicas, "must equal replicas; set that")
-    _one_of(cfg, "input.name", INPUTS)
     _validate_target(cfg)
     _validate_model(cfg)
     _validate_optimizer(cfg)
-    _validate_memory(cfg)
-
-
-def _memory_bytes(v: dict[str, Any]) -> int:
-    """float32 parameters with gradients and two optimizer states, a batch of activations,
-    the test set and a held training set."""
-    model = 4 * v["replicas"] * v["width"] * (v["d"] + 2 + v["batch_size"])
-    return 4 * (model + v["n_test"] * (v["d"] + 1) + v["n_train"] * (v["d"] + 1) * v["copies"])
-
-
-def _validate_memory(cfg: DictConfig) -> None:
-    """Refuse sizes that cannot fit in free memory, naming the key that matters most."""
-    held = cfg.n_train if cfg.n_train is not None and cfg.optimizer.name != "ridge" else 0
-    values = {k: cfg[k] for k in ("d", "width", "replicas", "batch_size", "n_test")}
-    values |= {"n_train": held, "copies": cfg.replicas if cfg.replica_data == "independent" else 1}
-    need, free = _memory_bytes(values), _free_memory_bytes(cfg.device)
-    if need <= free:
-        return
-    smallest = {"d": 1, "width": 1, "replicas": 1, "batch_size": 1, "n_test": 2, "n_train": 0}
-    key = min(smallest, key=lambda k: _memory_bytes({**values, k: smallest[k]}))
-    raise ConfigError(
-        key,
-        cfg[key],
-        f"this run needs about {need / 2**30:.3g} GiB, more than the {free / 2**30:.3g} GiB "
-        "free here",
-    )
 
 
 def _validate_target(cfg: DictConfig) -> None:
@@ -400,6 +399,8 @@ def _validate_target(cfg: DictConfig) -> None:
     if target.name == "polynomial":
         _int_at_least(cfg, "target.degree", 1, ": a degree-0 polynomial is constant")
         _int_at_least(cfg, "target.terms", 1)
+        from randfeat_torch.targets import count_monomials  # targets imports this module
+
         available = count_monomials(cfg.d, target.degree, target.include_lower)
         if target.terms > available:
             raise ConfigError(
@@ -411,33 +412,15 @@ def _validate_target(cfg: DictConfig) -> None:
 
 
 def _validate_model(cfg: DictConfig) -> None:
-    _one_of(cfg, "model.regime", REGIMES)
-    _one_of(cfg, "model.activation", ACTIVATIONS)
-    _one_of(cfg, "model.init", FIRST_LAYER_INITS)
-    _one_of(cfg, "model.parameterization", PARAMETERIZATIONS)
-    _one_of(cfg, "model.output_init", OUTPUT_INITS)
     if cfg.model.lazy_scale is not None:
         _positive(cfg, "model.lazy_scale")
-        if cfg.model.regime == "linearized":
+        if cfg.model.name == "linearized":
             raise ConfigError(
                 "model.lazy_scale",
                 cfg.model.lazy_scale,
                 "needs model=trainable or model=frozen: the linearized model is its own "
                 "linearization at every scale; leave it null",
             )
-
-
-def ridge_feature_count(cfg: DictConfig) -> int:
-    """Number of features P the ridge solver fits (the constant output bias is solved apart)."""
-    if cfg.model.regime == "linearized":
-        return cfg.width * (cfg.d + 1 + int(cfg.model.bias))
-    return cfg.width
-
-
-def _free_memory_bytes(device: str) -> int:
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
-        return torch.cuda.mem_get_info()[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _validate_optimizer(cfg: DictConfig) -> None:
@@ -447,16 +430,14 @@ def _validate_optimizer(cfg: DictConfig) -> None:
         _validate_ridge(cfg)
         return
     _validate_lr(cfg)
-    _one_of(cfg, "optimizer.lr_scaling", LR_SCALINGS)
     _positive(cfg, "optimizer.weight_decay", allow_zero=True)
-    _one_of(cfg, "optimizer.schedule", SCHEDULES)
     _int_at_least(cfg, "optimizer.warmup_steps", 0)
     if opt.warmup_steps >= cfg.steps and opt.warmup_steps > 0:
         raise ConfigError(
             "optimizer.warmup_steps", opt.warmup_steps, f"must be < steps={cfg.steps}"
         )
-    if opt.grad_clip is not None:
-        _positive(cfg, "optimizer.grad_clip")
+    if opt.grad_clamp is not None:
+        _positive(cfg, "optimizer.grad_clamp")
     if isinstance(opt.grad_precision, ListConfig):
         if len(opt.grad_precision) != cfg.replicas:
             raise ConfigError(
@@ -510,7 +491,7 @@ def _validate_ridge(cfg: DictConfig) -> None:
             cfg.model.lazy_scale,
             "optimizer=ridge fits the model's optimum, which no scale changes: leave it null",
         )
-    if cfg.model.regime == "trainable":
+    if cfg.model.name == "trainable":
         raise ConfigError(
             "optimizer",
             "ridge",
@@ -527,22 +508,10 @@ def _validate_ridge(cfg: DictConfig) -> None:
             "population with optimizer.population=true",
         )
     _validate_penalty(cfg)
-    _one_of(cfg, "optimizer.penalty_scale", PENALTY_SCALES)
     if cfg.optimizer.width_path:
         _validate_width_path(cfg)
     if cfg.optimizer.chunk_size is not None:
         _int_at_least(cfg, "optimizer.chunk_size", 1)
-    features = ridge_feature_count(cfg)
-    need = 3 * cfg.replicas * features**2 * 8  # float64 Gram, its factor, and headroom
-    free = _free_memory_bytes(cfg.device)
-    if need > RIDGE_MEMORY_FRACTION * free:
-        raise ConfigError(
-            "width",
-            cfg.width,
-            f"ridge on {features} features x {cfg.replicas} replicas needs about "
-            f"{need / 2**30:.1f} GiB for its float64 Gram matrices, more than half of the "
-            f"{free / 2**30:.1f} GiB free here; use a smaller width, d or replicas",
-        )
 
 
 def penalty_list(cfg: DictConfig) -> list[float] | None:
@@ -589,12 +558,12 @@ def _validate_penalty(cfg: DictConfig) -> None:
 def _validate_width_path(cfg: DictConfig) -> None:
     """The width path reads the first P units of a frozen net as a width-P net, with one penalty
     for every width: a positive absolute one, so that each prefix system is positive definite."""
-    if cfg.model.regime != "frozen":
+    if cfg.model.name != "frozen":
         raise ConfigError(
-            "model.regime",
-            cfg.model.regime,
+            "model.name",
+            cfg.model.name,
             "optimizer.width_path=true needs model=frozen: the first P features of a "
-            f"{cfg.model.regime} model are not a model of width P",
+            f"{cfg.model.name} model are not a model of width P",
         )
     if cfg.optimizer.penalty_scale != "absolute":
         raise ConfigError(
@@ -616,7 +585,7 @@ def _validate_population(cfg: DictConfig) -> None:
     """optimizer.population=true needs what theory has in closed form: ReLU random features
     (a frozen net) on a ReLU neuron or a zigzag, under Gaussian inputs, and no training set."""
     needs = {
-        "model.regime": ("frozen",),
+        "model.name": ("frozen",),
         "model.activation": ("relu",),
         "input.name": ("gaussian",),
         "target.name": RELU_SUM_TARGETS,

@@ -76,7 +76,7 @@ class TwoLayerNet(nn.Module):
         activation: str = "relu",
         bias: bool = True,
         init: str = "gaussian",
-        parameterization: str = "standard",
+        parameterization: str = "ntk",
         output_init: str = "gaussian",
         seed: int = 0,
         device: torch.device | str = "cpu",
@@ -300,7 +300,7 @@ def build_model(cfg: DictConfig, seed: int, device: torch.device) -> TwoLayerNet
         d=cfg.d,
         width=cfg.width,
         replicas=cfg.replicas,
-        freeze_first_layer=cfg.regime != "trainable",
+        freeze_first_layer=cfg.name != "trainable",
         activation=cfg.activation,
         bias=cfg.bias,
         init=cfg.init,
@@ -310,4 +310,12 @@ def build_model(cfg: DictConfig, seed: int, device: torch.device) -> TwoLayerNet
         device=device,
         lazy_scale=cfg.lazy_scale,
     )
-    return LinearizedNet(net) if cfg.regime == "linearized" else net
+    return LinearizedNet(net) if cfg.name == "linearized" else net
+
+
+def ridge_feature_count(cfg: DictConfig) -> int:
+    """Number of features P that ridge fits for the ``model`` config group (the constant
+    output bias is solved apart): the width, or the linearized model's width * (d + 1 + bias)."""
+    if cfg.name == "linearized":
+        return cfg.width * (cfg.d + 1 + int(cfg.bias))
+    return cfg.width

@@ -133,14 +133,15 @@ def schedule_factor(schedule: str, warmup_steps: int, steps: int):
 
 
 class GradientPrecision:
-    """Finite-precision gradients (the bSGD model of Karchmer & Malach, ICML 2025): clip each
-    coordinate to [-grad_clip, grad_clip], then round it to a multiple of grad_precision, to the
-    nearest or (``stochastic_rounding``) up or down at random with the unbiased probabilities.
+    """Finite-precision gradients (the bSGD model of Karchmer & Malach, ICML 2025): clamp each
+    coordinate to [-grad_clamp, grad_clamp] (not a clip of the norm), then round it to a
+    multiple of grad_precision, to the nearest or (``stochastic_rounding``) up or down at
+    random with the unbiased probabilities.
     ``grad_precision`` as a list gives each replica its own precision (0: exact), so that one
     pass trains a grid of precisions side by side."""
 
     def __init__(self, cfg: DictConfig, gen: torch.Generator) -> None:
-        self.clip, self.precision = cfg.grad_clip, cfg.grad_precision
+        self.clamp, self.precision = cfg.grad_clamp, cfg.grad_precision
         self.stochastic, self.gen = cfg.stochastic_rounding, gen
         self.per_replica: list[torch.Tensor] | None = None
         if isinstance(self.precision, ListConfig):
@@ -148,7 +149,7 @@ class GradientPrecision:
 
     @property
     def active(self) -> bool:
-        return self.clip is not None or self.precision is not None
+        return self.clamp is not None or self.precision is not None
 
     @torch.no_grad()
     def apply(self, params: list[torch.Tensor]) -> None:
@@ -162,8 +163,8 @@ class GradientPrecision:
             self.rounds = [(c > 0).view(shape) for shape in shapes]
         for i, p in enumerate(params):
             g = p.grad
-            if self.clip is not None:
-                g.clamp_(-self.clip, self.clip)
+            if self.clamp is not None:
+                g.clamp_(-self.clamp, self.clamp)
             if self.precision is None:
                 continue
             step = self.precision if self.per_replica is None else self.per_replica[i]

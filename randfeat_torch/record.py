@@ -20,8 +20,11 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
+from randfeat_torch.config import CheckpointError
+
 RECORD_NAME = "metrics.json"
 CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_VERSION = 2  # 2: the loop's resumable objects by name (trainer.Loop.resumable)
 # Keys that do not change what a run computes: a checkpoint stays valid across them.
 NOT_IN_FINGERPRINT = ("progress", "aggregate", "checkpoint_every", "resume", "threads")
 LAZINESS = (  # randfeat_torch.diagnostics
@@ -36,6 +39,10 @@ METRICS = (
     "test_mse",
     "train_loss",
     "train_error",
+    "fit_mse",
+    "fit_error",
+    "population_mse",
+    "population_error",
     "test_error_sample",
     "test_zero_one",
     *LAZINESS,
@@ -43,6 +50,10 @@ METRICS = (
 TAGS = {
     "train_loss": "train/loss",
     "train_error": "train/error",
+    "fit_mse": "fit/mse",
+    "fit_error": "fit/error",
+    "population_mse": "population/mse",
+    "population_error": "population/error",
     "test_error": "test/error",
     "test_error_sample": "test/error_by_sample_variance",
     "test_mse": "test/mse",
@@ -54,9 +65,12 @@ LAYOUT = {
     "errors": {
         "normalised error (train, test, theory)": [
             "Multiline",
-            ["train/error.*", "test/error.*", "theory/.*"],
+            ["train/error.*", "fit/error.*", "population/error.*", "test/error.*", "theory/.*"],
         ],
-        "mean squared error": ["Multiline", ["train/loss.*", "test/mse.*"]],
+        "mean squared error": [
+            "Multiline",
+            ["train/loss.*", "fit/mse.*", "population/mse.*", "test/mse.*"],
+        ],
     }
 }
 
@@ -90,12 +104,13 @@ def read_record(run_dir: Path) -> dict[str, Any] | None:
 
 
 def mark_failed(run_dir: Path, config: dict[str, Any], error: BaseException) -> None:
-    """Make sure a job that raised leaves a record saying ``failed``, with the error."""
-    record = read_record(run_dir) or {"config": config}
-    if record.get("status") != "failed":
-        record.update(status="failed", error=f"{type(error).__name__}: {error}")
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        atomic_write_json(Path(run_dir) / RECORD_NAME, record)
+    """A run that raised before its record was opened leaves one saying ``failed``, with the
+    error; a record already there (written by the run, or by an earlier run) is left as it is."""
+    if (Path(run_dir) / RECORD_NAME).exists():
+        return
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    record = {"status": "failed", "error": f"{type(error).__name__}: {error}", "config": config}
+    atomic_write_json(Path(run_dir) / RECORD_NAME, record)
 
 
 def git_state() -> dict[str, Any]:
@@ -138,29 +153,29 @@ def _first_difference(saved: Any, now: Any, key: str = "") -> str | None:
 
 def save_checkpoint(run_dir: Path, config: dict[str, Any], state: dict[str, Any]) -> None:
     """Write ``checkpoint.pt`` atomically (temp file + rename) with the run's config."""
-    checkpoint = {"version": 1, "config": _fingerprint(config), **state}
+    checkpoint = {"version": CHECKPOINT_VERSION, "config": _fingerprint(config), **state}
     atomic_write(Path(run_dir) / CHECKPOINT_NAME, lambda f: torch.save(checkpoint, f), binary=True)
 
 
 def load_checkpoint(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     """The checkpoint in ``run_dir`` if there is one; a corrupt one, or one written for another
     config, is refused (and left as it is)."""
-    from randfeat_torch.config import ConfigError
-
     path = Path(run_dir) / CHECKPOINT_NAME
     if not path.exists():
         return None
-    fix = "resume=false starts fresh in a new folder"
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         saved = checkpoint["config"]
     except Exception as error:  # unpickling raises many types on a damaged file
-        raise ConfigError(
-            "checkpoint", str(path), f"is corrupt or truncated ({type(error).__name__}); {fix}"
-        ) from None
+        raise CheckpointError(path, f"is corrupt or truncated ({type(error).__name__})") from None
+    if checkpoint.get("version") != CHECKPOINT_VERSION:
+        version = checkpoint.get("version")
+        raise CheckpointError(
+            path, f"has format {version}, this version reads {CHECKPOINT_VERSION}"
+        )
     difference = _first_difference(saved, _fingerprint(config))
     if difference:
-        raise ConfigError("checkpoint", str(path), f"was written for {difference}; {fix}")
+        raise CheckpointError(path, f"was written for {difference}")
     return checkpoint
 
 
@@ -180,7 +195,7 @@ class RunRecord:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / RECORD_NAME
         self.hparam_dict = hparam_dict
-        resumed = None if checkpoint is None else checkpoint["step"]
+        resumed = None if checkpoint is None else checkpoint["progress"]["step"]
         purge = None if resumed is None else resumed + 1
         self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge)
         if resumed is None:

@@ -7,12 +7,17 @@ models trained with different seeds face the same function.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from itertools import combinations_with_replacement
 
 import torch
 from omegaconf import DictConfig
 
-from randfeat_torch.config import count_monomials
+
+def count_monomials(d: int, degree: int, include_lower: bool) -> int:
+    """Distinct monomials in d variables of degree exactly ``degree`` (or 1..degree)."""
+    degrees = range(1, degree + 1) if include_lower else [degree]
+    return sum(math.comb(d + k - 1, k) for k in degrees)
 
 
 def make_generator(device: torch.device, seed: int, stream: int) -> torch.Generator:
@@ -64,11 +69,6 @@ def random_direction(d: int, seed: int, device: torch.device) -> torch.Tensor:
 INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-def normal_cdf(x: torch.Tensor) -> torch.Tensor:
-    """Phi(x), the standard normal CDF."""
-    return 0.5 * torch.erfc(-x / math.sqrt(2.0))
-
-
 def normal_pdf(x: torch.Tensor) -> torch.Tensor:
     """phi(x), the standard normal density."""
     return INV_SQRT_2PI * torch.exp(-0.5 * x * x)
@@ -77,13 +77,13 @@ def normal_pdf(x: torch.Tensor) -> torch.Tensor:
 def relu_mean(norm: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """E relu(norm z + bias), z ~ N(0, 1): norm (t Phi(t) + phi(t)), t = bias / norm."""
     t = bias / norm
-    return norm * (t * normal_cdf(t) + normal_pdf(t))
+    return norm * (t * torch.special.ndtr(t) + normal_pdf(t))
 
 
 def relu_square_mean(norm: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """E relu(norm z + bias)^2 = norm^2 ((t^2 + 1) Phi(t) + t phi(t)), t = bias / norm."""
     t = bias / norm
-    return norm.square() * ((t * t + 1.0) * normal_cdf(t) + t * normal_pdf(t))
+    return norm.square() * ((t * t + 1.0) * torch.special.ndtr(t) + t * normal_pdf(t))
 
 
 class Target:
@@ -118,13 +118,25 @@ class ReluNeuron(Target):
         return torch.relu(pre + self.bias if self.bias else pre)
 
 
+def hermite_terms(x: torch.Tensor, weights: torch.Tensor, degree: int) -> Iterator[torch.Tensor]:
+    """weights * h_k(x) for k = 0..degree, one at a time, in one of two buffers that the next
+    step overwrites (clone what you keep).
+
+    The orthonormal recurrence h_{k+1} = (x h_k - sqrt(k) h_{k-1}) / sqrt(k + 1), run on
+    weights * h_k in place, never forms He_k or k!, so it neither overflows nor holds more
+    than two copies of a long grid.
+    """
+    previous, current = torch.zeros_like(x), weights * torch.ones_like(x)
+    yield current
+    for k in range(degree):
+        previous.mul_(-math.sqrt(k)).addcmul_(x, current).div_(math.sqrt(k + 1))
+        previous, current = current, previous
+        yield current
+
+
 def hermite_orthonormal(x: torch.Tensor, degree: int) -> torch.Tensor:
     """h_k(x) = He_k(x) / sqrt(k!) for k = 0..degree, stacked: (degree + 1, *x.shape)."""
-    values = [torch.ones_like(x), x]
-    for k in range(1, degree):
-        values.append(x * values[k] - k * values[k - 1])
-    values = values[: degree + 1]
-    return torch.stack([v / math.sqrt(math.factorial(k)) for k, v in enumerate(values)])
+    return torch.stack([h.clone() for h in hermite_terms(x, torch.ones_like(x), degree)])
 
 
 class HermitePolynomial(Target):

@@ -20,8 +20,9 @@ sum_k c_k^2 = E f^2 and sum_{k>=1} c_k^2 = Var f.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy
@@ -37,7 +38,7 @@ from randfeat_torch.targets import (
     ReluNeuron,
     Target,
     Zigzag,
-    normal_cdf,
+    hermite_terms,
     normal_pdf,
     relu_mean,
     relu_square_mean,
@@ -60,7 +61,8 @@ MEHLER_TERMS = 28  # ... cut after this degree: 0.3^29 = 7e-16
 
 
 def normal_cdf_(x: torch.Tensor) -> torch.Tensor:
-    """Phi(x) in place of x."""
+    """Phi(x) in place of x: ``torch.special.ndtr`` without a temporary, for the long
+    buffers of the bivariate CDF."""
     return x.mul_(-1.0 / math.sqrt(2.0)).erfc_().mul_(0.5)
 
 
@@ -84,7 +86,7 @@ def _bivariate_cdf_moderate(
         exponent.div_(torch.addcmul(one, sin, sin, value=-1.0))
         total.add_(exponent.exp_(), alpha=weight)
     total.mul_(angle).mul_(0.25 / math.pi)  # (asin(rho) / 2) (1 / 2 pi)
-    return total.add_(normal_cdf(h) * normal_cdf(k))
+    return total.add_(torch.special.ndtr(h) * torch.special.ndtr(k))
 
 
 def _bivariate_cdf_high(h: torch.Tensor, k: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
@@ -113,7 +115,7 @@ def _bivariate_cdf_high(h: torch.Tensor, k: torch.Tensor, rho: torch.Tensor) -> 
         exact = torch.exp(-0.5 * b2 / xs - hk / (1.0 + t)) / t
         series = torch.exp(-0.5 * b2 / xs - 0.5 * hk) * (1.0 + c * xs * (1.0 + d * xs))
         total += weight * (exact - series)
-    return normal_cdf(torch.minimum(h, k)) - total / (2.0 * math.pi)
+    return torch.special.ndtr(torch.minimum(h, k)) - total / (2.0 * math.pi)
 
 
 def bivariate_normal_cdf(h: torch.Tensor, k: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
@@ -148,7 +150,7 @@ def bivariate_normal_cdf(h: torch.Tensor, k: torch.Tensor, rho: torch.Tensor) ->
     hh, kh, rh = h[high], k[high], rho[high]
     negative = rh < 0
     flipped = _bivariate_cdf_high(hh, torch.where(negative, -kh, kh), rh.abs())
-    out[high] = torch.where(negative, normal_cdf(hh) - flipped, flipped)
+    out[high] = torch.where(negative, torch.special.ndtr(hh) - flipped, flipped)
     return out.clamp_(0.0, 1.0)
 
 
@@ -183,25 +185,9 @@ def relu_product_mean(
     return value.mul_(norm1 * norm2)
 
 
-def _hermite_terms(x: torch.Tensor, weights: torch.Tensor, degree: int) -> Iterator[torch.Tensor]:
-    """weights * h_k(x) for k = 0..degree, one at a time, in one of two buffers that the next
-    step overwrites (clone what you keep).
-
-    The orthonormal recurrence h_{k+1} = (x h_k - sqrt(k) h_{k-1}) / sqrt(k + 1), run on
-    weights * h_k in place, never forms He_k or k!, so it neither overflows nor holds more
-    than two copies of a long grid.
-    """
-    previous, current = torch.zeros_like(x), weights * torch.ones_like(x)
-    yield current
-    for k in range(degree):
-        previous.mul_(-math.sqrt(k)).addcmul_(x, current).div_(math.sqrt(k + 1))
-        previous, current = current, previous
-        yield current
-
-
 def _hermite_sums(x: torch.Tensor, weights: torch.Tensor, degree: int) -> torch.Tensor:
     """sum_i weights_i h_k(x_i) for k = 0..degree: x, weights (n,) -> (degree + 1,)."""
-    return torch.stack([term.sum() for term in _hermite_terms(x, weights, degree)])
+    return torch.stack([term.sum() for term in hermite_terms(x, weights, degree)])
 
 
 def relu_hermite_coefficients(
@@ -235,7 +221,7 @@ def relu_hermite_coefficients(
         coef[1] = norm * tail
     if max_degree >= 2:
         k = torch.arange(2, max_degree + 1, dtype=torch.float64, device=t.device)
-        terms = _hermite_terms(t, norm * pdf, max_degree - 2)
+        terms = hermite_terms(t, norm * pdf, max_degree - 2)
         coef[2:] = torch.stack([term.clone() for term in terms])
         coef[2:] /= torch.sqrt(k * (k - 1)).view(-1, *[1] * t.dim())
     return coef
@@ -332,14 +318,20 @@ def relu_neuron_sum(w_star: torch.Tensor, bias: float = 0.0) -> ReluSum:
     return ReluSum(w_star, torch.ones_like(norm), shift, float(mean), float(variance))
 
 
+@functools.lru_cache(maxsize=64)
+def zigzag_moments(norm: float, a: int) -> tuple[float, float]:
+    """(mean, variance) of the zigzag psi_a(norm z), z ~ N(0, 1), by :func:`moments_1d`: its
+    quadrature is computed once per (norm, a) in a process, whichever part of a run asks."""
+    return moments_1d(lambda z: zigzag(norm * z, a))
+
+
 def relu_sum(target: Target) -> ReluSum | None:
     """A ReLU neuron or a zigzag as a :class:`ReluSum`; None for any other target."""
     if isinstance(target, ReluNeuron):
         return relu_neuron_sum(target.w, target.bias)
     if isinstance(target, Zigzag):
         coef, shift = target.relu_terms()
-        mean, variance = moments_1d(lambda z: zigzag(target.norm * z, target.a))
-        return ReluSum(target.w, coef, shift, mean, variance)
+        return ReluSum(target.w, coef, shift, *zigzag_moments(target.norm, target.a))
     return None
 
 
@@ -347,7 +339,7 @@ def relu_sum(target: Target) -> ReluSum | None:
 class PopulationMoments:
     """Exact moments of features phi_j = relu(<w_j, x> + b_j) and a target f under
     x ~ N(0, I_d), float64: mean = E phi: (R, P), cov = Cov(phi): (R, P, P) (None where only
-    its Cholesky factor is kept, see ``trainer.FactorCache``) and cross = Cov(phi, f): (R, P)."""
+    its Cholesky factor is kept, see ``solvers.FactorCache``) and cross = Cov(phi, f): (R, P)."""
 
     mean: torch.Tensor
     cov: torch.Tensor | None
@@ -491,7 +483,7 @@ def exact_variance(target: Target, inputs: str) -> float | None:
     if inputs not in target.exact_under:
         return None
     if isinstance(target, Zigzag):
-        return moments_1d(lambda z: zigzag(target.norm * z, target.a))[1]
+        return zigzag_moments(target.norm, target.a)[1]
     return target.variance
 
 
@@ -507,7 +499,8 @@ def degree_energies(target: Target, max_degree: int) -> tuple[torch.Tensor, floa
         def psi(z: torch.Tensor) -> torch.Tensor:
             return zigzag(target.norm * z, target.a)
 
-        return hermite_coefficients_1d(psi, max_degree).square(), moments_1d(psi)[1]
+        variance = zigzag_moments(target.norm, target.a)[1]
+        return hermite_coefficients_1d(psi, max_degree).square(), variance
     energy = torch.zeros(max_degree + 1, dtype=torch.float64)
     if isinstance(target, HermitePolynomial):
         for monomial, coef in zip(target.monomials, target.coef.double().cpu(), strict=True):
@@ -549,12 +542,13 @@ def reference_errors(
     }
     if not rf_exact:
         return errors
+    relu = relu_sum(target)
     if moments is None and (
         population_moments_apply(cfg, target, model)
         and cfg.replicas * cfg.width**2 <= POPULATION_MAX_ENTRIES
     ):
-        moments = relu_population_moments(model.w, model.b, relu_sum(target))
+        moments = relu_population_moments(model.w, model.b, relu)
     if moments is not None:
-        exact = population_error(moments, relu_sum(target).variance).tolist()
+        exact = population_error(moments, relu.variance).tolist()
         errors["rf_population_error"] = exact[0] if len(exact) == 1 else exact
     return errors

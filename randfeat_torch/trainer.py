@@ -1,20 +1,16 @@
-"""The training loop: one function from a validated config to a finished run record.
+"""The training loop, and the choice between the loop and a closed-form fit.
 
-Data never leaves the device: inputs are drawn there (online: a fresh batch each step;
-finite: ``n_train`` samples once, then shuffled minibatches), the held-out test set is drawn
-once from the target's seed, and the host reads device values only at evaluations.
-The loss is the mean squared error, summed over replicas (so each replica gets exactly the
-gradient of its own loss); the error reported everywhere is the normalised test error,
-test MSE / variance of the test targets (1.0 = predicting the mean).
-``optimizer=ridge`` replaces the loop by the closed-form fit of :mod:`randfeat_torch.ridge`
-(with ``optimizer.population``: on the exact moments of :mod:`randfeat_torch.theory`).
+:func:`train` takes a config (validated here, in the job, with the checks of this machine),
+builds the target, the data, the model and the record, and either runs :class:`Loop` (the
+optimizer loop, ``optimizer=sgd|adam``) or a solver of :mod:`randfeat_torch.solvers`
+(``optimizer=ridge``). The loss is summed over replicas, so each replica gets exactly the
+gradient of its own loss; the error reported everywhere is the normalised test error, test MSE
+/ variance of the test targets (1.0 = predicting the mean).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
+import dataclasses
 import signal
 import sys
 import time
@@ -26,9 +22,11 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from randfeat_torch.config import ConfigError, penalty_list, ridge_feature_count, validate
+from randfeat_torch.config import validate
+from randfeat_torch.data import Batches, Data, Model, TestSet, training_data
+from randfeat_torch.device import Stopwatch, check_machine, resolve_device
 from randfeat_torch.diagnostics import Laziness
-from randfeat_torch.models import LOSSES, LinearizedNet, TwoLayerNet, build_model
+from randfeat_torch.models import LOSSES, TwoLayerNet, build_model, ridge_feature_count
 from randfeat_torch.optim import (
     PARAMETER_GROUPS,
     GradientPrecision,
@@ -36,42 +34,17 @@ from randfeat_torch.optim import (
     base_lr,
     build_optimizer,
 )
-from randfeat_torch.record import CHECKPOINT_NAME, RunRecord, load_checkpoint
-from randfeat_torch.ridge import (
-    CentredMoments,
-    NotPositiveDefinite,
-    PenaltyPath,
-    WidthPath,
-    factorise,
-    path_widths,
-    penalty_path,
-    relative_lambda,
-    sampled_moments,
-    solve_centred,
-    width_path,
+from randfeat_torch.record import CHECKPOINT_NAME, RunRecord, load_checkpoint, mark_failed
+from randfeat_torch.solvers import (
+    POPULATION_FACTORS,
+    exact_moments,
+    fit_by_ridge,
+    output_weight_norms,
 )
-from randfeat_torch.targets import (
-    Target,
-    build_target,
-    make_generator,
-    replica_seed,
-    sample_inputs,
-)
-from randfeat_torch.theory import (
-    PopulationMoments,
-    ReluSum,
-    exact_variance,
-    reference_errors,
-    relu_cross_moments,
-    relu_feature_covariance,
-    relu_population_moments,
-    relu_sum,
-)
+from randfeat_torch.targets import build_target, make_generator, replica_seed
+from randfeat_torch.theory import reference_errors
 
-TEST_STREAM, TRAIN_STREAM, ROUNDING_STREAM = 2, 3, 4
-EVAL_ELEMENTS = 2**24  # hidden activations held at once while evaluating
-
-Model = TwoLayerNet | LinearizedNet
+ROUNDING_STREAM = 4  # the stochastic rounding of finite-precision gradients (see data.py)
 
 
 @dataclass
@@ -93,196 +66,6 @@ class RunResult:
     def test_error(self) -> float:
         """Mean over replicas of the final normalised test error."""
         return float(self.metrics["test_error"].double().mean())
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present (``validate`` refuses ``cuda`` without it)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-class Stopwatch:
-    """Seconds of work on a device: CUDA events on CUDA (timed on the GPU's own timeline, read
-    only when asked, which waits for the work queued so far), ``perf_counter`` on the CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def mark(self) -> float | torch.cuda.Event:
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def since(self, mark: float | torch.cuda.Event) -> float:
-        """Seconds from ``mark`` to now."""
-        if not self.cuda:
-            return time.perf_counter() - mark
-        end = self.mark()
-        end.synchronize()
-        return mark.elapsed_time(end) / 1000
-
-
-class Data:
-    """Inputs from the configured distribution, labelled by the target, on the device.
-
-    ``replicas=None``: one stream shared by every replica, x: (n, d), y: (n,). An int R: an
-    independent stream per replica, seeded ``replica_seed(seed, r)``, x: (R, n, d), y: (R, n)."""
-
-    def __init__(
-        self,
-        cfg: DictConfig,
-        target: Target,
-        device: torch.device,
-        seed: int,
-        stream: int,
-        replicas: int | None = None,
-    ):
-        self.kind, self.d, self.target, self.device = cfg.input.name, cfg.d, target, device
-        self.replicas = replicas
-        seeds = [seed] if replicas is None else [replica_seed(seed, r) for r in range(replicas)]
-        self.gens = [make_generator(device, s, stream) for s in seeds]
-
-    def draw(self, n: int, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """n fresh samples per stream (in place into ``out`` if given)."""
-        if self.replicas is None:
-            x = sample_inputs(self.kind, n, self.d, self.gens[0], self.device, out=out)
-            return x, self.target(x)
-        x = torch.empty(self.replicas, n, self.d, device=self.device) if out is None else out
-        for x_r, gen in zip(x, self.gens, strict=True):
-            sample_inputs(self.kind, n, self.d, gen, self.device, out=x_r)
-        return x, self.target(x.view(-1, self.d)).view(self.replicas, n)
-
-    def shuffle(self, n: int) -> torch.Tensor:
-        """A fresh permutation of range(n) per stream: (n,) shared, (R, n) independent."""
-        orders = [torch.randperm(n, generator=g, device=self.device) for g in self.gens]
-        return orders[0] if self.replicas is None else torch.stack(orders)
-
-
-def training_data(cfg: DictConfig, target: Target, device: torch.device) -> Data:
-    """The training stream: seeded by ``data_seed`` (default ``seed``), shared by the replicas
-    or one per replica (``replica_data``)."""
-    seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
-    replicas = cfg.replicas if cfg.replica_data == "independent" else None
-    return Data(cfg, target, device, seed, TRAIN_STREAM, replicas)
-
-
-class TestSet:
-    """A fixed held-out sample drawn from the target's seed, so that every model of a sweep is
-    scored on the same points."""
-
-    def __init__(self, cfg: DictConfig, target: Target, device: torch.device):
-        """Draw the sample; a target that is constant on it is refused (no error to normalise).
-        Errors are normalised by the target's exact variance where it is known (then a measured
-        error and theory's share one scale), else by the test sample's; ``normaliser`` says
-        which, and ``test_error_sample`` is always by the test sample's variance."""
-        self.x, self.y = Data(cfg, target, device, cfg.target.seed, TEST_STREAM).draw(cfg.n_test)
-        self.sample_variance = self.y.var(correction=0)
-        exact = exact_variance(target, cfg.input.name)
-        self.normaliser = "test-sample variance" if exact is None else "exact target variance"
-        self.variance = (
-            self.sample_variance if exact is None else torch.tensor(exact, device=device)
-        )
-        if not float(self.sample_variance) > 0:
-            raise ConfigError(
-                "target",
-                target.name,
-                f"is constant on the {cfg.n_test} test inputs: no variance to normalise by",
-            )
-        self.loss = cfg.loss
-        if self.loss != "mse" and not bool((self.y.abs() == 1).all()):
-            raise ConfigError(
-                "loss",
-                self.loss,
-                f"is a loss for +-1 labels, but target={target.name} on input={cfg.input.name} "
-                "takes other values: use loss=mse, or a parity on input=hypercube",
-            )
-
-    @torch.no_grad()
-    def evaluate(self, model: Model, train_loss: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Test MSE and normalised test error per replica, each (R,), in bounded memory, with
-        the train loss (R,) (of ``loss``) and, for the squared loss, its normalised value (by
-        the same test variance); for +-1 losses the test 0-1 error of sign(f) instead."""
-        n = self.x.shape[0]
-        chunk = max(1, EVAL_ELEMENTS // (model.replicas * model.width))
-        sse = torch.zeros(model.replicas, device=self.x.device)
-        wrong = torch.zeros_like(sse)
-        for i in range(0, n, chunk):
-            f, y = model(self.x[i : i + chunk]), self.y[i : i + chunk]
-            sse += (f - y).square().sum(dim=1)
-            if self.loss != "mse":
-                wrong += (torch.sign(f) != y).sum(dim=1)
-        mse = sse / n
-        metrics = {
-            "test_mse": mse,
-            "test_error": mse / self.variance,
-            "test_error_sample": mse / self.sample_variance,
-            "train_loss": train_loss,
-        }
-        if self.loss == "mse":
-            metrics["train_error"] = train_loss / self.variance
-        else:
-            metrics["test_zero_one"] = wrong / n
-        return metrics
-
-    @torch.no_grad()
-    def evaluate_output_layers(
-        self, model: Model, beta: torch.Tensor, c: torch.Tensor
-    ) -> torch.Tensor:
-        """Test MSE of G output layers beta: (R, P, G) and c: (R, G) on the model's ridge
-        features (a width path's columns use a prefix of the units, zero past it), in float64:
-        (R, G)."""
-        n = self.x.shape[0]
-        chunk = max(1, EVAL_ELEMENTS // (model.replicas * beta.shape[1]))
-        sse = torch.zeros_like(c)
-        for i in range(0, n, chunk):
-            phi = model.ridge_features(self.x[i : i + chunk]).double()  # (R, m, P)
-            out = torch.baddbmm(c.unsqueeze(1), phi, beta)  # (R, m, G)
-            sse += (out - self.y[i : i + chunk, None].double()).square().sum(1)
-        return sse / n
-
-
-class Batches:
-    """Training minibatches on the device: online draws, or shuffled passes over n_train."""
-
-    def __init__(self, cfg: DictConfig, data: Data):
-        self.data, self.batch_size = data, cfg.batch_size
-        self.online = cfg.n_train is None
-        if self.online:
-            self.x, _ = data.draw(cfg.batch_size)  # the buffer that every step refills
-        else:
-            self.x, self.y = data.draw(cfg.n_train)
-            self.n = cfg.n_train
-            self.order: torch.Tensor | None = None
-            self.pos = self.n  # a fresh permutation at the first step
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (batch, d) and y: (batch,), or (R, batch, d) and (R, batch) per replica."""
-        if self.online:
-            return self.data.draw(self.batch_size, out=self.x)
-        if self.n == self.batch_size:  # full-batch gradient descent
-            return self.x, self.y
-        if self.pos + self.batch_size > self.n:
-            self.order = self.data.shuffle(self.n)
-            self.pos = 0
-        idx = self.order[..., self.pos : self.pos + self.batch_size]
-        self.pos += self.batch_size
-        if idx.dim() == 1:
-            return self.x[idx], self.y[idx]
-        return torch.take_along_dim(self.x, idx.unsqueeze(-1), 1), self.y.gather(1, idx)
-
-    def state(self) -> dict:
-        """Where a finite pass stands (online batches depend on the generators alone)."""
-        return {} if self.online else {"pos": self.pos, "order": self.order}
-
-    def restore(self, state: dict) -> None:
-        """From :meth:`state` as loaded (onto the CPU): the order goes back to the device."""
-        if not self.online:
-            order = state["order"]
-            self.pos = state["pos"]
-            self.order = None if order is None else order.to(self.data.device)
 
 
 def compile_step(function: Callable, device: torch.device) -> Callable:
@@ -359,21 +142,33 @@ def hparams_of(cfg: DictConfig) -> dict[str, object]:
     }
 
 
-def train(
-    cfg: DictConfig,
-    run_dir: Path | str,
-    choices: dict[str, str] | None = None,
-    stop_at: int | None = None,
-) -> RunResult:
+def train(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = None) -> RunResult:
     """Train the configured model on the configured target; write the record in ``run_dir``.
 
     ``choices``: the config-group options picked (Hydra's runtime choices), for the record.
     With ``resume`` and a checkpoint in ``run_dir``, the run continues from it and ends with
-    the metrics an uninterrupted run would have (bit-identical on CPU). ``stop_at``: behave as
-    if SIGTERM arrived during that step (checkpoint, status ``interrupted``), for tests."""
+    the metrics an uninterrupted run would have (bit-identical on CPU). SIGTERM or SIGINT
+    during the loop: a checkpoint, status ``interrupted``, and a result saying which signal.
+    A run that raises leaves a record with status ``failed`` and the error (this is the one
+    place that records failures; one that fails before it starts, say on a value the data
+    refuse, leaves such a record only where there is none yet: an earlier run's stays)."""
+    try:
+        return _train(cfg, Path(run_dir), choices)
+    except Exception as error:
+        try:
+            config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        except Exception:  # an interpolation that cannot resolve: record it as written
+            config = OmegaConf.to_container(cfg, enum_to_str=True)
+        mark_failed(Path(run_dir), config, error)
+        raise
+
+
+def _train(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None) -> RunResult:
     start = time.perf_counter()
     POPULATION_FACTORS.keep_for(cfg)
     validate(cfg)
+    ridge = cfg.optimizer.name == "ridge"
+    check_machine(cfg, ridge_feature_count(cfg.model) if ridge else None)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -383,10 +178,9 @@ def train(
     data = training_data(cfg, target, device)
     exact = exact_moments(cfg, target, model)
     # A population width path holds the exact errors itself, at every width.
-    ridge = cfg.optimizer.name == "ridge"
     rf_exact = not (ridge and cfg.optimizer.width_path and cfg.optimizer.population)
     theory = reference_errors(cfg, target, model, exact and exact.moments, rf_exact)
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     checkpoint = load_checkpoint(Path(run_dir), config) if cfg.resume else None
 
     record = RunRecord(Path(run_dir), config, hparams_of(cfg), checkpoint)
@@ -401,16 +195,18 @@ def train(
     )
     if checkpoint is None:
         record.log_theory(0, theory)
-        initial = test_set.evaluate(model, torch.full((cfg.replicas,), torch.nan, device=device))
+        kind = "train" if not ridge else "population" if cfg.optimizer.population else "fit"
+        nothing = torch.full((cfg.replicas,), torch.nan, device=device)  # nothing fitted yet
+        initial = test_set.evaluate(model, nothing, kind)
         record.log_eval(0, initial)
     interrupted_by = None
     try:
-        if cfg.optimizer.name == "ridge":
+        if ridge:
             status, metrics, steps_done, steps_per_s = fit_by_ridge(
                 cfg, model, data, test_set, record, exact
             )
         else:
-            loop = Loop(cfg, model, data, test_set, record, start, stop_at)
+            loop = Loop(cfg, model, data, test_set, record, start)
             status, metrics, steps_done, steps_per_s = loop.run(checkpoint)
             interrupted_by = loop.signal
     except KeyboardInterrupt:
@@ -454,275 +250,6 @@ def train(
     )
 
 
-@dataclass
-class ExactMoments:
-    """For ``optimizer.population``: the target as a sum of ReLUs, the exact population moments
-    of the features, computed once (the theory section reads them too), and the seconds they
-    took, which count as part of the fit."""
-
-    target: ReluSum
-    moments: PopulationMoments
-    seconds: float
-
-
-def exact_moments(cfg: DictConfig, target: Target, model: Model) -> ExactMoments | None:
-    """The :class:`ExactMoments` of a run fitted with ``optimizer.population``, else None.
-    With the width path, without the covariance: :data:`POPULATION_FACTORS` gives its factor."""
-    if cfg.optimizer.name != "ridge" or not cfg.optimizer.population:
-        return None
-    clock = Stopwatch(model.w.device)
-    start = clock.mark()
-    relu = relu_sum(target)
-    if cfg.optimizer.width_path:
-        mean, cross = relu_cross_moments(model.w, model.b, relu)
-        moments = PopulationMoments(mean, None, cross)
-    else:
-        moments = relu_population_moments(model.w, model.b, relu)
-    return ExactMoments(relu, moments, clock.since(start))
-
-
-class FactorCache:
-    """The Cholesky factor of the last population fit with the width path, kept for the next job
-    in this process: a sweep over targets on one draw of features (the same d, seed and width,
-    as consecutive jobs of rf_wall are) computes the population Gram matrix and factorises it
-    once. Keyed by the first layer's values, the multiplier and the penalty; one entry."""
-
-    def __init__(self) -> None:
-        self.key: str | None = None
-        self.factor: torch.Tensor | None = None
-        self.features: str | None = None  # what in the config makes the features and penalty
-
-    def keep_for(self, cfg: DictConfig) -> None:
-        """Free the factor unless this job's features and penalty could be the same (called
-        before a job's checks, whose memory check must not count a factor it will not use)."""
-        groups = [OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "optimizer")]
-        features = json.dumps([*groups, cfg.seed, cfg.device], sort_keys=True, default=str)
-        if features != self.features:
-            self.key = self.factor = None
-        self.features = features
-
-    def get(
-        self, model: TwoLayerNet, penalty: torch.Tensor, make: Callable[[], torch.Tensor]
-    ) -> tuple[torch.Tensor, bool]:
-        """(the factor, whether it was kept from an earlier job); ``make()`` computes it."""
-        digest = hashlib.sha256()
-        for tensor in (model.w, model.b, penalty):
-            if tensor is not None:
-                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        digest.update(repr((model.multiplier, str(penalty.device))).encode())
-        key = digest.hexdigest()
-        if key == self.key and self.factor is not None:
-            return self.factor, True
-        self.key = self.factor = None  # free the old factor before making the next one
-        self.factor, self.key = make(), key
-        return self.factor, False
-
-
-POPULATION_FACTORS = FactorCache()
-
-
-def ridge_moments(
-    cfg: DictConfig, model: Model, data: Data, exact: ExactMoments | None
-) -> CentredMoments:
-    """The centred moments of the ridge features m * phi (m: the output multiplier): exact
-    (``optimizer.population``, from ``exact``, whose tensors are taken over) or of n_train
-    fresh samples, streamed in chunks."""
-    if exact is None:
-        return sampled_moments(
-            model.ridge_features,
-            data.draw,
-            n=cfg.n_train,
-            replicas=cfg.replicas,
-            num_features=ridge_feature_count(cfg),
-            device=data.device,
-            chunk_size=cfg.optimizer.chunk_size,
-        )
-    m = model.multiplier
-    kw = dict(dtype=torch.float64, device=exact.moments.mean.device)
-    cov = exact.moments.cov
-    return CentredMoments(
-        None if cov is None else cov.mul_(m * m),  # the theory section has read them already
-        exact.moments.cross * m,
-        exact.moments.mean * m,
-        torch.tensor(exact.target.mean, **kw),
-        torch.tensor(exact.target.variance, **kw),
-    )
-
-
-def ridge_penalty(
-    cfg: DictConfig, model: Model, moments: CentredMoments, value: float
-) -> torch.Tensor:
-    """lambda on |a|^2 per replica (R,), for the penalty lambda_u |u|^2 on u = m * a of this
-    ``value``: lambda_u = value (absolute) or value * trace(Cov phi) / P (relative)."""
-    if cfg.optimizer.penalty_scale == "relative":
-        return relative_lambda(moments.cov, value)
-    lam = value * model.multiplier**2
-    return torch.full((cfg.replicas,), lam, dtype=torch.float64, device=moments.q.device)
-
-
-def fit_by_ridge(
-    cfg: DictConfig,
-    model: Model,
-    data: Data,
-    test_set: TestSet,
-    record: RunRecord,
-    exact: ExactMoments | None,
-) -> tuple[str, dict[str, torch.Tensor], int, float]:
-    """The closed-form output layer (one 'step'): on n_train fresh samples, or with ``exact``
-    (``optimizer.population``) on the exact population moments of the features, whose
-    'train_loss' is then the population MSE; with ``optimizer.width_path`` at every prefix
-    width too (the record's ``width_path``). Returns the status, final metrics, steps done and
-    the rate: 1 / the seconds the fit took (the moments' included; a population factor kept
-    from the previous job, see :class:`FactorCache`, costs nothing here)."""
-    clock = Stopwatch(data.device)
-    fit_start = clock.mark()
-    moments = ridge_moments(cfg, model, data, exact)
-    path, reused, penalties = None, False, penalty_list(cfg)
-    if penalties is not None:
-        lam = torch.stack([ridge_penalty(cfg, model, moments, p) for p in penalties], -1)
-        path = penalty_path(moments, lam)
-        gcv = path.gcv(cfg.n_train) if cfg.optimizer.penalty == "gcv" else None
-        pick = torch.zeros(cfg.replicas, dtype=torch.long) if gcv is None else gcv.argmin(-1)
-        solution = path.fit(pick.to(lam.device))
-    elif cfg.optimizer.width_path:
-        penalty = ridge_penalty(cfg, model, moments, cfg.optimizer.penalty)
-        try:
-            if exact is None:
-                factor = factorise(moments.cov, penalty)
-            else:
-                m = model.multiplier
-                factor, reused = POPULATION_FACTORS.get(
-                    model,
-                    penalty,
-                    lambda: factorise(
-                        relu_feature_covariance(model.w, model.b).mul_(m * m), penalty
-                    ),
-                )
-            path = width_path(factor, moments, penalty)
-        except NotPositiveDefinite:
-            raise ConfigError(
-                "optimizer.penalty",
-                cfg.optimizer.penalty,
-                "is too small for the width path: cov + penalty has no trusted Cholesky "
-                "factor at this width; raise it",
-            ) from None
-        solution = path.fit()
-    else:
-        solution = solve_centred(moments, ridge_penalty(cfg, model, moments, cfg.optimizer.penalty))
-    model.load_ridge_solution(solution.beta.float(), solution.c.float())
-    fit_time = clock.since(fit_start) + (exact.seconds if exact else 0.0)
-    metrics = test_set.evaluate(model, solution.train_mse.float())
-    record.log_eval(1, metrics)
-    finite = torch.isfinite(metrics["test_error"])
-    fields: dict[str, object] = {
-        "ridge": {
-            "lambda": solution.penalty.tolist(),
-            "eigen_fallback": solution.fallback,
-            "population": bool(cfg.optimizer.population),
-            "factor_reused": reused,
-        }
-    }
-    if penalties is not None:
-        fields["penalty_path"] = penalty_record(path, penalties, model, test_set, gcv, pick)
-        record.log_penalty_path(fields["penalty_path"])
-    elif path is not None:
-        fields["width_path"] = path_record(path, model, test_set, exact is not None)
-        record.log_width_path(fields["width_path"])
-    record.write("running", **fields)
-    status = "ok" if bool(finite.all()) else "diverged"
-    return status, metrics, 1, 1 / fit_time
-
-
-PATH_RECORD_RATIO = 2 ** (1 / 16)  # the record keeps the path at every width to 64, then this
-PATH_RECORD_DENSE = 64
-
-
-def _per_replica_rows(values: torch.Tensor) -> list:
-    """(R, K) -> a list of K numbers for R = 1, else R lists (strict JSON: no NaN or Inf)."""
-    rows = [
-        [v if math.isfinite(v) else None for v in row]
-        for row in values.detach().cpu().double().tolist()
-    ]
-    return rows[0] if len(rows) == 1 else rows
-
-
-def weight_norms(u: torch.Tensor, widths: torch.Tensor) -> dict[str, list]:
-    """Norms of effective output weights u: (R, P, K), one column per fit, each of this width."""
-    max_u = u.abs().amax(1)
-    return {
-        "u_max_abs": _per_replica_rows(max_u),
-        "u_l1": _per_replica_rows(u.abs().sum(1)),
-        "u_l2": _per_replica_rows(u.square().sum(1).sqrt()),
-        "width_times_u_max_abs": _per_replica_rows(max_u * widths),
-    }
-
-
-def output_weight_norms(model: Model) -> dict[str, object]:
-    """The norms of the effective output weights u = m * a of the final model (see
-    :func:`weight_norms`; one number per replica, a list when R > 1)."""
-    u = (model.a.detach().double() * model.multiplier).unsqueeze(-1)  # (R, width, 1)
-    width = torch.tensor([float(model.width)], dtype=torch.float64, device=u.device)
-    norms = weight_norms(u, width)
-    return {k: v[0] if model.replicas == 1 else [row[0] for row in v] for k, v in norms.items()}
-
-
-def penalty_record(
-    path: PenaltyPath,
-    penalties: list[float],
-    model: TwoLayerNet | LinearizedNet,
-    test_set: TestSet,
-    gcv: torch.Tensor | None,
-    pick: torch.Tensor,
-) -> dict[str, object]:
-    """The record's ``penalty_path``: per penalty (as configured, on |u|^2) the normalised
-    error on the fit's distribution, the test error, the degrees of freedom and the norms of
-    u = m * beta; with ``penalty=gcv`` the GCV score and each replica's pick."""
-    variance = test_set.variance.double()
-    test_mse = test_set.evaluate_output_layers(model, path.beta, path.c)
-    width = torch.tensor(float(model.width), dtype=torch.float64, device=path.beta.device)
-    record: dict[str, object] = {
-        "penalties": penalties,
-        "error": _per_replica_rows(path.mse / variance),
-        "test_error": _per_replica_rows(test_mse / variance),
-        "df": _per_replica_rows(path.df),
-        **weight_norms(path.beta * model.multiplier, width),
-        "picked": [penalties[int(k)] for k in pick.tolist()],
-    }
-    if gcv is not None:
-        record["gcv"] = _per_replica_rows(gcv / variance)
-    return record
-
-
-def path_record(
-    path: WidthPath, model: TwoLayerNet, test_set: TestSet, exact: bool
-) -> dict[str, object]:
-    """The record's ``width_path``: the normalised error at the widths of a fine grid (every
-    width to 64, then ratio 2^(1/16)); at the solved widths (ratio sqrt 2, and N) the error
-    without the penalty, the test error, and the norms of the effective output weights
-    u = m * beta. Lists over replicas (one list when R = 1)."""
-    widths = path_widths(model.width, PATH_RECORD_RATIO, PATH_RECORD_DENSE)
-    columns = torch.tensor(widths, device=path.objective.device) - 1
-    u = path.beta * model.multiplier  # (R, N, G)
-    variance = test_set.variance.double()
-    solved = torch.tensor(path.widths, dtype=torch.float64, device=u.device)
-    test_mse = test_set.evaluate_output_layers(model, path.beta, path.c)
-    rows = _per_replica_rows
-
-    return {
-        "kind": "population" if exact else "train",
-        "normaliser": test_set.normaliser,
-        "penalty_u": float(path.penalty[0]) / model.multiplier**2,
-        "widths": widths,
-        "error": rows(path.objective[:, columns] / variance),
-        "solved": {
-            "widths": path.widths,
-            "error": rows(path.mse / variance),
-            "test_error": rows(test_mse / variance),
-            **weight_norms(u, solved),
-        },
-    }
-
-
 def steps_to_error_record(thresholds: list[float], reached: torch.Tensor) -> dict[str, object]:
     """The record's ``steps_to_error``: per threshold (a key such as "0.1") the first evaluated
     step whose test error was at or below it, null if none; a list over replicas when R > 1."""
@@ -732,10 +259,48 @@ def steps_to_error_record(thresholds: list[float], reached: torch.Tensor) -> dic
     }
 
 
+@dataclass
+class Progress:
+    """The loop's own counters, per replica where they are tensors (R,)."""
+
+    loss_sum: torch.Tensor  # training losses since the last evaluation (on the device)
+    best: torch.Tensor  # lowest test error seen
+    reached: torch.Tensor  # (R, T): the first evaluated step at or below each threshold, or -1
+    step: int = 0
+    status: str = "ok"
+    steps_in_sum: int = 0
+
+    def state_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state.items():
+            now = getattr(self, name)
+            setattr(self, name, value.to(now.device) if isinstance(now, torch.Tensor) else value)
+
+
+class Streams:
+    """The random generators that the remaining steps draw from, as one resumable object."""
+
+    def __init__(self, generators: list[torch.Generator]) -> None:
+        self.generators = generators
+
+    def state_dict(self) -> list[torch.Tensor]:
+        return [g.get_state() for g in self.generators]
+
+    def load_state_dict(self, states: list[torch.Tensor]) -> None:
+        for g, saved in zip(self.generators, states, strict=True):
+            g.set_state(saved)
+
+
 class Loop:
     """The optimizer loop: ``steps`` minibatch steps, evaluating every ``eval_every``, with a
     checkpoint every ``checkpoint_every`` steps (default: at every evaluation) and on SIGTERM
-    or SIGINT, after which it stops with status ``interrupted``."""
+    or SIGINT, after which it stops with status ``interrupted``.
+
+    Everything the remaining steps depend on is in :attr:`resumable`, objects with
+    ``state_dict`` / ``load_state_dict``: a checkpoint is their states, and restoring one
+    loads each of them back, so that saving and restoring cannot drift apart."""
 
     def __init__(
         self,
@@ -745,16 +310,9 @@ class Loop:
         test_set: TestSet,
         record: RunRecord,
         start: float,
-        stop_at: int | None = None,
     ) -> None:
-        self.cfg, self.model, self.data, self.test_set, self.record = (
-            cfg,
-            model,
-            data,
-            test_set,
-            record,
-        )
-        self.start, self.stop_at = start, stop_at
+        self.cfg, self.model, self.data, self.test_set = cfg, model, data, test_set
+        self.record, self.start = record, start
         self.batches = Batches(cfg, data)
         self.optimizer, self.scheduler = build_optimizer(cfg.optimizer, model, cfg.steps)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -771,52 +329,37 @@ class Loop:
         self.laziness = (
             Laziness(model, probe, test_set.variance, multipliers) if cfg.lazy_probe else None
         )
-        self.thresholds = [float(t) for t in cfg.steps_to_error]
-        # the first evaluated step at or below each threshold, per replica (-1: not yet)
-        self.reached = torch.full((cfg.replicas, len(self.thresholds)), -1, dtype=torch.long)
         self.laziness_s = 0.0  # seconds spent on the laziness measures in this process
+        self.thresholds = [float(t) for t in cfg.steps_to_error]
         self.gradient_step = gradient_step(cfg, model, self.params)
         rounding = make_generator(data.device, cfg.seed, ROUNDING_STREAM)
         self.precision = GradientPrecision(cfg.optimizer, rounding)
         lr = cfg.optimizer.lr
         self.rates = PerReplicaRates(lr, self.params) if isinstance(lr, ListConfig) else None
-        self.loss_sum = torch.zeros(cfg.replicas, device=data.device)
-        self.steps_in_sum, self.step, self.status = 0, 0, "ok"
+        self.progress = Progress(
+            loss_sum=torch.zeros(cfg.replicas, device=data.device),
+            best=torch.full((cfg.replicas,), torch.inf),
+            reached=torch.full((cfg.replicas, len(self.thresholds)), -1, dtype=torch.long),
+        )
+        self.resumable = {
+            "progress": self.progress,
+            "model": model,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "generators": Streams([*data.gens, self.precision.gen]),
+            "batches": self.batches,
+        }
         self.all_diverged = False
-        self.best = torch.full((cfg.replicas,), torch.inf)  # lowest test error seen, per replica
         self.signal: int | None = None
 
     def state(self) -> dict:
-        """Everything the remaining steps depend on."""
-        generators = [*self.data.gens, self.precision.gen]
-        return {
-            "step": self.step,
-            "status": self.status,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "generators": [g.get_state() for g in generators],
-            "batches": self.batches.state(),
-            "loss_sum": self.loss_sum,
-            "steps_in_sum": self.steps_in_sum,
-            "best_test_error": self.best,
-            "steps_to_error": self.reached,
-        }
+        """The checkpoint's content: the state of every resumable object."""
+        return {name: part.state_dict() for name, part in self.resumable.items()}
 
     def restore(self, state: dict) -> None:
-        self.step, self.status = state["step"], state["status"]
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        for g, saved in zip(
-            [*self.data.gens, self.precision.gen], state["generators"], strict=True
-        ):
-            g.set_state(saved)
-        self.batches.restore(state["batches"])
-        self.loss_sum.copy_(state["loss_sum"])
-        self.steps_in_sum = state["steps_in_sum"]
-        self.best = state["best_test_error"]
-        self.reached = state["steps_to_error"]
+        """Load a checkpoint's :meth:`state` back (as loaded, onto the CPU)."""
+        for name, part in self.resumable.items():
+            part.load_state_dict(state[name])
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.signal = signum  # acted on at the end of the step (after an evaluation in flight)
@@ -835,23 +378,23 @@ class Loop:
                 signal.signal(s, handler)
 
     def _steps(self) -> tuple[str, dict[str, torch.Tensor], int, float]:
-        cfg, optimizer = self.cfg, self.optimizer
+        cfg, optimizer, progress = self.cfg, self.optimizer, self.progress
         gradient_step = self.gradient_step
         scheduled = cfg.optimizer.schedule != "constant" or cfg.optimizer.warmup_steps > 0
         steps, eval_every = cfg.steps, cfg.eval_every  # plain ints: no config look-up per step
         checkpoint_every = cfg.checkpoint_every or eval_every
-        progress = tqdm(
+        bar = tqdm(
             total=steps,
-            initial=self.step,
+            initial=progress.step,
             desc=f"{cfg.model.name} d={cfg.d} width={cfg.width}",
             disable=not (cfg.progress and sys.stderr.isatty()),
             dynamic_ncols=True,
         )
         metrics: dict[str, torch.Tensor] = {}
-        clock, first_step = Stopwatch(self.data.device), self.step
+        clock, first_step = Stopwatch(self.data.device), progress.step
         step_time, segment = 0.0, clock.mark()  # the steps' time: evaluation and saving left out
-        with progress:
-            for step in range(self.step + 1, steps + 1):
+        with bar:
+            for step in range(progress.step + 1, steps + 1):
                 per_replica = gradient_step(*self.batches.next())  # (R,), grads in .grad
                 if self.precision.active:
                     self.precision.apply(self.params)
@@ -862,12 +405,10 @@ class Loop:
                     self.rates.rescale()
                 if scheduled:
                     self.scheduler.step()
-                self.loss_sum += per_replica
-                self.steps_in_sum += 1
-                self.step = step
-                progress.update()
-                if step == self.stop_at:
-                    self.signal = signal.SIGTERM
+                progress.loss_sum += per_replica
+                progress.steps_in_sum += 1
+                progress.step = step
+                bar.update()
 
                 evaluate = step % eval_every == 0 or step == steps
                 save = self.signal is not None or (step % checkpoint_every == 0 and step != steps)
@@ -876,7 +417,7 @@ class Loop:
                 step_time += clock.since(segment)
                 if evaluate:
                     metrics = self._evaluate((step - first_step) / max(1e-9, step_time))
-                    progress.set_postfix(test_error=f"{float(metrics['test_error'].mean()):.4g}")
+                    bar.set_postfix(test_error=f"{float(metrics['test_error'].mean()):.4g}")
                 if save:
                     self.record.checkpoint(self.state())
                 if self.signal is not None:
@@ -887,35 +428,39 @@ class Loop:
                 if evaluate and self.all_diverged:
                     break
         step_time += clock.since(segment)
-        return self.status, metrics, self.step, (self.step - first_step) / max(1e-9, step_time)
+        done = progress.step
+        return progress.status, metrics, done, (done - first_step) / max(1e-9, step_time)
 
     def _evaluate(self, steps_per_s: float) -> dict[str, torch.Tensor]:
         """Test metrics, TensorBoard, the record; marks divergence (NaN or Inf)."""
-        metrics = self.test_set.evaluate(self.model, self.loss_sum / self.steps_in_sum)
+        progress = self.progress
+        metrics = self.test_set.evaluate(self.model, progress.loss_sum / progress.steps_in_sum)
         if self.laziness is not None:
             clock = Stopwatch(self.data.device)
             mark = clock.mark()
             metrics |= self.laziness.measure(self.model)
             self.laziness_s += clock.since(mark)
-        self.loss_sum.zero_()
-        self.steps_in_sum = 0
-        self.record.log_eval(self.step, metrics)
+        progress.loss_sum.zero_()
+        progress.steps_in_sum = 0
+        self.record.log_eval(progress.step, metrics)
         finite = torch.isfinite(metrics["train_loss"]) & torch.isfinite(metrics["test_error"])
         error = metrics["test_error"].detach().cpu()
-        self.best = torch.fmin(self.best, error)
+        progress.best = torch.fmin(progress.best, error)
         below = torch.tensor(self.thresholds).unsqueeze(0) >= error.unsqueeze(1)  # (R, T)
-        self.reached = torch.where((self.reached < 0) & below, self.step, self.reached)
+        progress.reached = torch.where(
+            (progress.reached < 0) & below, progress.step, progress.reached
+        )
         fields = dict(
             metrics=metrics,
-            best_test_error=[v if v < float("inf") else None for v in self.best.tolist()],
-            steps_to_error=steps_to_error_record(self.thresholds, self.reached),
+            best_test_error=[v if v < float("inf") else None for v in progress.best.tolist()],
+            steps_to_error=steps_to_error_record(self.thresholds, progress.reached),
             laziness_s=self.laziness_s,
-            steps_done=self.step,
+            steps_done=progress.step,
             wall_time_s=time.perf_counter() - self.start,
             steps_per_s=steps_per_s,
         )
         if not bool(finite.all()):
-            self.status = "diverged"
+            progress.status = "diverged"
             fields["diverged_replicas"] = (~finite).nonzero().flatten().tolist()
         self.record.write("running", **fields)
         self.all_diverged = not bool(finite.any())

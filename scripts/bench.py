@@ -33,7 +33,7 @@ moves both sides alike:
 - compile (measured, no target): the gradient step compiled as ``compile=true`` compiles it vs
   eager, d=64, width=1024, batch=256, and the seconds the compilation took.
 
-On CUDA every time is taken with CUDA events (see :class:`randfeat_torch.trainer.Stopwatch`).
+On CUDA every time is taken with CUDA events (see :class:`randfeat_torch.device.Stopwatch`).
 """
 
 from __future__ import annotations
@@ -54,9 +54,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from randfeat_torch.cli import CONFIG_DIR
+from randfeat_torch.device import Stopwatch
 from randfeat_torch.models import TwoLayerNet
 from randfeat_torch.ridge import penalty_path, sampled_moments
-from randfeat_torch.trainer import POPULATION_FACTORS, Stopwatch, compile_step, train
+from randfeat_torch.solvers import POPULATION_FACTORS
+from randfeat_torch.trainer import compile_step, train
 
 ROOT = CONFIG_DIR.parent
 # figures whose target is a ceiling

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from randfeat_torch.cli import CONFIG_DIR
+from randfeat_torch.cli import CONFIG_DIR, load_config
 from randfeat_torch.config import ConfigError, validate
 from randfeat_torch.models import build_model
 from randfeat_torch.optim import build_optimizer
 from randfeat_torch.trainer import train
+from tests.conftest import SMALL
 
 CPU = torch.device("cpu")
 
@@ -53,12 +54,12 @@ FIT_NEEDS = {"rf_ridge": ["n_train=1000"], "nt_ridge": ["n_train=3000"]}
 def test_every_fit_composes_and_trains(make_cfg, tmp_path, option):
     cfg = make_cfg(f"fit={option}", *FIT_NEEDS.get(option, []))
     validate(cfg)
-    assert cfg.model.regime == {"nn": "trainable", "rf": "frozen", "nt": "linearized"}[option[:2]]
+    assert cfg.model.name == {"nn": "trainable", "rf": "frozen", "nt": "linearized"}[option[:2]]
     result = train(cfg, tmp_path)
     assert result.status == "ok" and 0 < result.test_error < 10  # 20 SGD steps learn little
     if option == "rf_population":  # no samples: its fit is the exact population optimum
         assert cfg.optimizer.population and cfg.n_train is None
-        error = float(result.metrics["train_loss"][0]) / (0.5 - 1 / (2 * math.pi))  # / Var f
+        error = float(result.metrics["population_mse"][0]) / (0.5 - 1 / (2 * math.pi))  # / Var f
         assert error == pytest.approx(result.theory["rf_population_error"], rel=1e-4)
     if option == "rf_ridge":  # 1000 samples, 512 test points: near the optimum, 0.075 (0.094)
         assert result.test_error == pytest.approx(result.theory["rf_population_error"], abs=0.03)
@@ -117,10 +118,9 @@ def test_groups_read_the_top_level_knobs(make_cfg):
         ("steps_to_error=[0.1,-1]", "steps_to_error.1=-1.0 (must be a finite number > 0)"),
     ],
 )
-def test_bad_values_are_refused_with_one_sentence(make_cfg, override, message):
-    cfg = make_cfg(*override.split())
-    with pytest.raises(ConfigError) as info:
-        validate(cfg)
+def test_bad_values_are_refused_with_one_sentence(override, message):
+    with pytest.raises(ConfigError) as info:  # by the typed schema while composing, or after
+        load_config([*SMALL, *override.split()])
     text = str(info.value)
     assert text.startswith("invalid config: ")
     assert message in text

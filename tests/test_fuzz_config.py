@@ -34,7 +34,7 @@ KEYS = [
     "optimizer.weight_decay",
     "optimizer.schedule",
     "optimizer.warmup_steps",
-    "optimizer.grad_clip",
+    "optimizer.grad_clamp",
     "optimizer.grad_precision",
     "model.activation",
     "model.parameterization",
@@ -134,6 +134,6 @@ def assert_runnable(cfg: DictConfig) -> None:
     assert math.isfinite(opt.weight_decay) and opt.weight_decay >= 0
     assert opt.schedule in ("constant", "cosine")
     assert opt.warmup_steps == 0 or 0 < opt.warmup_steps < cfg.steps
-    assert all(v is None or positive(v) for v in (opt.grad_clip, opt.grad_precision))
+    assert all(v is None or positive(v) for v in (opt.grad_clamp, opt.grad_precision))
     if opt.name == "sgd":
         assert 0 <= opt.momentum < 1

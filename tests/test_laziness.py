@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from randfeat_torch import trainer
+from randfeat_torch import data
 from randfeat_torch.config import ConfigError
 from randfeat_torch.diagnostics import Laziness
 from randfeat_torch.models import LOSSES, LinearizedNet, TwoLayerNet
@@ -192,15 +192,15 @@ def test_a_classification_loss_refuses_a_target_that_is_not_plus_or_minus_one(ru
 
 def test_steps_to_error_on_a_scripted_error_curve(run, monkeypatch):
     errors = iter([0.8, 0.4, 0.45, 0.05, 0.009, 0.3])  # at steps 10, 20, ..., 60
-    evaluate = trainer.TestSet.evaluate
+    evaluate = data.TestSet.evaluate
 
-    def scripted(self, model, train_loss):
-        metrics = evaluate(self, model, train_loss)
-        if torch.isfinite(train_loss).all():  # the evaluations of the loop, not the initial one
+    def scripted(self, model, fitted, kind="train"):
+        metrics = evaluate(self, model, fitted, kind)
+        if torch.isfinite(fitted).all():  # the evaluations of the loop, not the initial one
             metrics["test_error"] = torch.full_like(metrics["test_error"], next(errors))
         return metrics
 
-    monkeypatch.setattr(trainer.TestSet, "evaluate", scripted)
+    monkeypatch.setattr(data.TestSet, "evaluate", scripted)
     result = run("steps=60", "eval_every=10", "steps_to_error=[0.5,0.1,0.01,0.001]")
     assert record_of(result)["steps_to_error"] == {"0.5": 20, "0.1": 40, "0.01": 50, "0.001": None}
 

@@ -3,6 +3,7 @@ uninterrupted one; corrupt and mismatched checkpoints are refused and left as th
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -14,7 +15,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from randfeat_torch.config import ConfigError
+from randfeat_torch.config import CheckpointError
+from randfeat_torch.data import Batches
 from randfeat_torch.record import CHECKPOINT_NAME
 from randfeat_torch.trainer import train
 from tests.conftest import ROOT, SMALL
@@ -74,6 +76,22 @@ def train_again(cfg, run_dir, **options):
     return train(cfg, run_dir, **options)
 
 
+def train_until_sigterm(cfg, run_dir, step: int):
+    """``train`` with a real SIGTERM raised in this process while the loop draws the batch of
+    ``step`` (the loop acts on it at the end of that step, as on a signal from outside)."""
+    calls = itertools.count(1)
+    draw = Batches.next
+
+    def next_batch(self):
+        if next(calls) == step:
+            signal.raise_signal(signal.SIGTERM)
+        return draw(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Batches, "next", next_batch)
+        return train(cfg, run_dir)
+
+
 def steps_logged(run_dir) -> list[int]:
     events = EventAccumulator(str(run_dir))
     events.Reload()
@@ -87,7 +105,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(make_cfg, tmp_path, case, sto
     whole = train(cfg, tmp_path / "whole")
 
     run_dir = tmp_path / "cut"
-    cut = train(cfg, run_dir, stop_at=stop_at)
+    cut = train_until_sigterm(cfg, run_dir, stop_at)
     assert cut.status == "interrupted" and cut.steps_done == stop_at
     record = json.loads((run_dir / "metrics.json").read_text())
     assert record["status"] == "interrupted" and record["interrupted_by"] == "SIGTERM"
@@ -119,7 +137,7 @@ def test_events_logged_after_the_checkpoint_are_purged_on_resume(make_cfg, tmp_p
     steps again, and TensorBoard keeps each step once."""
     cfg = make_cfg("steps=30", "eval_every=5", "checkpoint_every=10")
     run_dir = tmp_path / "run"
-    train(cfg, run_dir, stop_at=20)
+    train_until_sigterm(cfg, run_dir, 20)
     saved = (run_dir / CHECKPOINT_NAME).read_bytes()
     train_again(cfg, run_dir)  # on to step 30, logging 25 and 30, as the killed run did
     (run_dir / CHECKPOINT_NAME).write_bytes(saved)  # ... before it could finish
@@ -130,19 +148,21 @@ def test_events_logged_after_the_checkpoint_are_purged_on_resume(make_cfg, tmp_p
 
 def test_a_corrupt_checkpoint_is_refused_and_left_alone(make_cfg, tmp_path):
     cfg = make_cfg("steps=20", "eval_every=10")
-    train(cfg, tmp_path, stop_at=5)
+    train_until_sigterm(cfg, tmp_path, 5)
     path = tmp_path / CHECKPOINT_NAME
     path.write_bytes(path.read_bytes()[:100])  # truncated
     damaged = path.read_bytes()
-    with pytest.raises(ConfigError, match="is corrupt or truncated"):
+    record = (tmp_path / "metrics.json").read_text()
+    with pytest.raises(CheckpointError, match="is corrupt or truncated"):
         train(cfg, tmp_path)
     assert path.read_bytes() == damaged
+    assert (tmp_path / "metrics.json").read_text() == record  # still says interrupted
 
 
 def test_a_checkpoint_of_another_config_is_refused(make_cfg, tmp_path):
-    train(make_cfg("steps=20", "eval_every=10"), tmp_path, stop_at=5)
+    train_until_sigterm(make_cfg("steps=20", "eval_every=10"), tmp_path, 5)
     before = (tmp_path / CHECKPOINT_NAME).read_bytes()
-    with pytest.raises(ConfigError, match=r"was written for model.width=64 \(this run: 32\)"):
+    with pytest.raises(CheckpointError, match=r"was written for model.width=64 \(this run: 32\)"):
         train(make_cfg("steps=20", "eval_every=10", "width=32"), tmp_path)
     assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before
     fresh = train(make_cfg("steps=20", "eval_every=10", "width=32", "resume=false"), tmp_path)

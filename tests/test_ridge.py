@@ -104,7 +104,7 @@ def test_rank_deficient_features_fall_back_to_the_minimum_norm_solution():
         half.b.copy_(net.b[:, :3])
     reduced = fit_ridge(half.ridge_features, draw, 5000, 1, 3, 0.0, CPU)
     assert torch.allclose(
-        fit.beta[0, :3] * 2 * half.multiplier / net.multiplier, reduced.beta[0], rtol=1e-6
+        fit.beta[0, :3] * 2 * net.multiplier / half.multiplier, reduced.beta[0], rtol=1e-6
     )
     # The features are float32, scaled by each net's own multiplier before rounding: the two
     # Gram matrices differ by float32 rounding (2^-24 relative per feature), which moves the
@@ -118,7 +118,8 @@ def test_rank_deficient_features_fall_back_to_the_minimum_norm_solution():
 def test_more_features_than_samples_interpolates(run):
     result = run("model=frozen", "optimizer=ridge", "n_train=40", "width=64", "optimizer.penalty=0")
     assert result.status == "ok"
-    assert float(result.metrics["train_loss"][0]) < 1e-8
+    assert float(result.metrics["fit_mse"][0]) < 1e-8
+    assert "train_loss" not in result.metrics  # no optimizer loop ran
 
 
 def test_ridge_matches_the_long_run_optimum_of_full_batch_gradient_descent(run):
@@ -127,7 +128,7 @@ def test_ridge_matches_the_long_run_optimum_of_full_batch_gradient_descent(run):
     gd = run(*common, "batch_size=256", "steps=4000", "eval_every=100", "optimizer.lr=0.5")
     assert gd.test_error == pytest.approx(ridge.test_error, rel=1e-3)
     assert float(gd.metrics["train_loss"][0]) == pytest.approx(
-        float(ridge.metrics["train_loss"][0]), rel=1e-3
+        float(ridge.metrics["fit_mse"][0]), rel=1e-3
     )
 
 
@@ -168,7 +169,7 @@ def test_ridge_fits_every_replica(run):
         ),
         (
             ["optimizer=ridge", "optimizer.population=true", "model=linearized"],
-            "model.regime=linearized (optimizer.population=true fits the exact Gaussian",
+            "model.name=linearized (optimizer.population=true fits the exact Gaussian",
         ),
         (
             [
@@ -212,7 +213,10 @@ def test_population_ridge_fits_the_exact_output_layer(run):
     exact = population.theory["rf_population_error"]
     variance = 0.5 - 1 / (2 * math.pi)  # the unit ReLU neuron's
     assert 0.02 < exact < 0.3
-    assert float(population.metrics["train_loss"][0]) / variance == pytest.approx(exact, rel=1e-5)
+    assert float(population.metrics["population_mse"][0]) / variance == pytest.approx(
+        exact, rel=1e-5
+    )
+    assert population.metrics["population_error"][0] == pytest.approx(exact, rel=1e-5)
     assert population.test_error == pytest.approx(exact, rel=0.03)
     # Ridge on 2000 samples pays for them (about P / n = 3% more), on the same test set.
     sampled = run(
@@ -240,7 +244,7 @@ def test_population_ridge_on_the_hard_neuron_and_replicas(run):
 
 
 def test_a_population_run_computes_its_moments_once(run, monkeypatch):
-    from randfeat_torch import theory, trainer
+    from randfeat_torch import solvers, theory
 
     calls = []
     original = theory.relu_population_moments
@@ -250,7 +254,7 @@ def test_a_population_run_computes_its_moments_once(run, monkeypatch):
         return original(*args)
 
     monkeypatch.setattr(theory, "relu_population_moments", counted)
-    monkeypatch.setattr(trainer, "relu_population_moments", counted)
+    monkeypatch.setattr(solvers, "relu_population_moments", counted)
     result = run("model=frozen", "optimizer=ridge", "optimizer.population=true", "width=64")
     assert len(calls) == 1  # the theory section reads the fit's moments
     assert 0 < result.theory["rf_population_error"] < 1

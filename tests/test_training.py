@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from randfeat_torch.config import ConfigError
+from randfeat_torch.config import DataError
 from randfeat_torch.models import build_model
 from randfeat_torch.optim import GradientPrecision, build_optimizer
 from randfeat_torch.targets import replica_seed
@@ -104,7 +104,7 @@ def test_divergence_stops_the_run_with_status_diverged(run):
 
 
 def test_a_constant_target_is_refused(run):
-    with pytest.raises(ConfigError, match="is constant on the 512 test inputs"):
+    with pytest.raises(DataError, match="is constant on the 512 test inputs"):
         run("target.bias=-100")
 
 
@@ -121,8 +121,10 @@ def test_grad_precision_quantises_every_applied_update(run, make_cfg):
         assert units.abs().max() > 0.5, name
 
 
-def test_grad_clip_then_round_to_nearest():
-    cfg = OmegaConf.create({"grad_clip": 0.25, "grad_precision": 0.1, "stochastic_rounding": False})
+def test_grad_clamp_then_round_to_nearest():
+    cfg = OmegaConf.create(
+        {"grad_clamp": 0.25, "grad_precision": 0.1, "stochastic_rounding": False}
+    )
     p = torch.zeros(5, requires_grad=True)
     p.grad = torch.tensor([5.0, -5.0, 0.03, 0.07, -0.14])
     GradientPrecision(cfg, torch.Generator()).apply([p])
@@ -130,7 +132,7 @@ def test_grad_clip_then_round_to_nearest():
 
 
 def test_stochastic_rounding_is_unbiased():
-    cfg = OmegaConf.create({"grad_clip": None, "grad_precision": 0.1, "stochastic_rounding": True})
+    cfg = OmegaConf.create({"grad_clamp": None, "grad_precision": 0.1, "stochastic_rounding": True})
     p = torch.zeros(200_000, requires_grad=True)
     p.grad = torch.full_like(p, 0.03)
     GradientPrecision(cfg, torch.Generator().manual_seed(0)).apply([p])

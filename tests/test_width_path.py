@@ -9,7 +9,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from randfeat_torch import trainer
+from randfeat_torch import solvers
+from randfeat_torch.cli import load_config
 from randfeat_torch.config import ConfigError
 from randfeat_torch.models import TwoLayerNet
 from randfeat_torch.ridge import (
@@ -21,9 +22,10 @@ from randfeat_torch.ridge import (
     solve_centred,
     width_path,
 )
-from randfeat_torch.targets import random_direction
+from randfeat_torch.solvers import ridge_moments
+from randfeat_torch.targets import build_target, random_direction
 from randfeat_torch.theory import relu_neuron_sum, relu_population_moments
-from randfeat_torch.trainer import ridge_moments
+from tests.conftest import SMALL
 
 EPS64 = torch.finfo(torch.float64).eps
 PENALTY_U = 1e-5  # lambda on |u|^2: keeps cond(Cov + lambda) near 1e6 at these widths
@@ -38,9 +40,9 @@ PATH = [
 @pytest.fixture(autouse=True)
 def fresh_factor_cache():
     """No factor kept from another test: each test sees the cache as a new process does."""
-    trainer.POPULATION_FACTORS.key = trainer.POPULATION_FACTORS.factor = None
+    solvers.POPULATION_FACTORS.key = solvers.POPULATION_FACTORS.factor = None
     yield
-    trainer.POPULATION_FACTORS.key = trainer.POPULATION_FACTORS.factor = None
+    solvers.POPULATION_FACTORS.key = solvers.POPULATION_FACTORS.factor = None
 
 
 def frozen_net(width: int, parameterization: str = "ntk", d: int = 6) -> TwoLayerNet:
@@ -152,8 +154,8 @@ def test_the_error_falls_with_width_and_matches_the_run_at_full_width(run):
     for r in range(2):
         errors = path["error"][r]
         assert errors[-1] < 0.5 * errors[0]
-        # The width-N point is the run's own fit: float32 train_loss, float64 path.
-        train = record["metrics"]["train_error"][r]
+        # The width-N point is the run's own fit: float32 population MSE, float64 path.
+        train = record["metrics"]["population_error"][r]
         assert solved["error"][r][-1] == pytest.approx(train, rel=1e-5)
         # Test error at N from the float64 prefix evaluation and from the float32 model.
         assert solved["test_error"][r][-1] == pytest.approx(
@@ -184,19 +186,19 @@ def test_a_sampled_path_is_recorded_on_the_train_samples(run):
     path = json.loads((result.run_dir / "metrics.json").read_text())["width_path"]
     assert path["kind"] == "train" and path["widths"][-1] == 48
     assert path["solved"]["error"][-1] == pytest.approx(
-        float(result.metrics["train_error"][0]), rel=1e-5
+        float(result.metrics["fit_error"][0]), rel=1e-5
     )
 
 
 def test_consecutive_targets_on_the_same_features_factorise_once(run, monkeypatch):
     calls = []
-    original = trainer.relu_feature_covariance
+    original = solvers.relu_feature_covariance
 
     def counted(*args):
         calls.append(1)
         return original(*args)
 
-    monkeypatch.setattr(trainer, "relu_feature_covariance", counted)
+    monkeypatch.setattr(solvers, "relu_feature_covariance", counted)
     common = [*PATH, "optimizer.population=true", "width=96"]
     first = run(*common, "target=relu_neuron_hard")
     second = run(*common, "target=relu_neuron")
@@ -204,7 +206,7 @@ def test_consecutive_targets_on_the_same_features_factorise_once(run, monkeypatc
     assert len(calls) == 2  # the second run reused the first's factor; another seed did not
     records = [json.loads((r.run_dir / "metrics.json").read_text()) for r in (first, second)]
     assert [r["ridge"]["factor_reused"] for r in records] == [False, True]
-    trainer.POPULATION_FACTORS.key = None  # the same run with a fresh factor
+    solvers.POPULATION_FACTORS.key = None  # the same run with a fresh factor
     fresh = run(*common, "target=relu_neuron")
     again = json.loads((fresh.run_dir / "metrics.json").read_text())
     assert again["ridge"]["factor_reused"] is False
@@ -221,7 +223,7 @@ def test_a_penalty_too_small_for_the_factor_is_refused():
 def test_the_trainer_reads_moments_for_the_width_path(make_cfg):
     cfg = make_cfg(*PATH, "optimizer.population=true", "width=16", "replicas=2")
     net = frozen_net(16, d=8)
-    exact = trainer.exact_moments(cfg, trainer.build_target(cfg.target, net.w.device), net)
+    exact = solvers.exact_moments(cfg, build_target(cfg.target, net.w.device), net)
     assert exact.moments.cov is None  # the factor comes from the cache, not from here
     moments = ridge_moments(cfg, net, None, exact)
     assert moments.cov is None and moments.q.shape == (2, 16)
@@ -232,7 +234,7 @@ def test_the_trainer_reads_moments_for_the_width_path(make_cfg):
     [
         (
             ["model=linearized", "optimizer=ridge", "n_train=100", "optimizer.width_path=true"],
-            "model.regime=linearized (optimizer.width_path=true needs model=frozen",
+            "model.name=linearized (optimizer.width_path=true needs model=frozen",
         ),
         (
             ["model=frozen", "optimizer=ridge", "n_train=100", "optimizer.width_path=true"],
@@ -253,7 +255,7 @@ def test_the_trainer_reads_moments_for_the_width_path(make_cfg):
         ),
     ],
 )
-def test_bad_width_path_settings_are_refused(run, overrides, message):
-    with pytest.raises(ConfigError) as error:
-        run(*overrides)
+def test_bad_width_path_settings_are_refused(overrides, message):
+    with pytest.raises(ConfigError) as error:  # before anything runs
+        load_config([*SMALL, *overrides])
     assert message in str(error.value)
