@@ -21,12 +21,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from randfeat_torch.config import GROUPS
+from randfeat_torch.config import GROUPS, ConfigError
 from randfeat_torch.record import METRICS, NOT_IN_FINGERPRINT, RECORD_NAME
 from randfeat_torch.stats import fit_growth, mean_interval, width_to_reach
+from randfeat_torch.sweeps import sweep_jobs
 from randfeat_torch.targets import replica_seed
 
 TABLE_NAME, SUMMARY_NAME, TENSORBOARD_DIR = "results.csv", "summary.txt", "aggregate"
@@ -86,18 +86,15 @@ def _job_dirs(root: Path) -> list[Path]:
 
 
 def expected_jobs(root: Path) -> int | None:
-    """Number of jobs the sweep asked for, from Hydra's ``multirun.yaml`` (None if absent)."""
+    """Number of jobs the sweep asked for: its command line in Hydra's ``multirun.yaml``,
+    expanded as the sweeper expanded it (None if absent, or if it no longer expands)."""
     path = root / "multirun.yaml"
     if not path.exists():
         return None
-    cfg = OmegaConf.load(path)
-    overrides = list(cfg.hydra.overrides.task)
-    overrides += [f"{k}={v}" for k, v in (cfg.hydra.sweeper.get("params") or {}).items()]
-    count = 1
-    for override in OverridesParser.create().parse_overrides(overrides):
-        if override.is_sweep_override():
-            count *= len(list(override.sweep_string_iterator()))
-    return count
+    try:
+        return len(sweep_jobs(list(OmegaConf.load(path).hydra.overrides.task)))
+    except ConfigError:
+        return None
 
 
 PER_REPLICA_LISTS = ("optimizer.lr", "optimizer.grad_precision")  # one value per replica

@@ -6,103 +6,66 @@ A bad config value exits with status 2 and one sentence on stderr, before any wo
 
 from __future__ import annotations
 
-import itertools
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn
-from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 
-from randfeat_torch.config import GROUPS, SWEEP_DIR_VARIABLE, ConfigError, validate
-from randfeat_torch.record import RECORD_NAME, mark_failed, read_record
+from randfeat_torch.config import OutputError, UserError, validate
+from randfeat_torch.device import check_machine
+from randfeat_torch.paths import CONFIG_DIR, SWEEP_DIR_VARIABLE, register_resolvers
+from randfeat_torch.record import RECORD_NAME, read_record
+from randfeat_torch.sweeps import (
+    BASIC_SWEEPER,
+    check_jobs,
+    compose_job,
+    is_hydra_override,
+    one_sentence,
+    search_jobs,
+    sweep_jobs,
+    sweeper_of,
+)
 from randfeat_torch.trainer import RunResult, train
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 def load_config(overrides: list[str]) -> DictConfig:
     """Compose train.yaml with ``overrides`` through Hydra's compose API and validate it: a
     config that can run, or a :class:`ConfigError` whose one sentence names the key, the
     value and what is allowed (Hydra's and OmegaConf's own errors translated)."""
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose("train", overrides)
+    cfg = compose_job(overrides)
+    with one_sentence(overrides):
         validate(cfg)
-        return cfg
-    except MissingConfigException as error:
-        group, _, option = (error.missing_cfg_file or "?/?").rpartition("/")
-        raise ConfigError(group, option, f"allowed: {', '.join(error.options or [])}") from None
-    except (ConfigCompositionException, OmegaConfBaseException) as error:
-        cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else error
-        key = getattr(cause, "full_key", None) or "config"
-        value = next(  # the last override of the key is the one Hydra applied
-            (
-                o.partition("=")[2]
-                for o in reversed(overrides)
-                if o.lstrip("+~").startswith(f"{key}=")
-            ),
-            "?",
-        )
-        reason = str(getattr(cause, "msg", None) or cause).splitlines()[0]
-        choices = re.fullmatch(r"Invalid value '.*', expected one of \[(.*)\]", reason)
-        if choices:  # a field typed by one of config's closed sets of values
-            reason = f"allowed: {choices.group(1)}"
-        raise ConfigError(key, value, reason) from None
-    except (OverrideParseException, ValueError, TypeError) as error:  # "=3", "model=[1,2]"
-        if isinstance(error, ConfigError):
-            raise
-        for override in overrides:
-            key, _, value = override.partition("=")
-            if key.lstrip("+~") in GROUPS and not value.replace("_", "").isalnum():
-                raise ConfigError(key, value, "must name one option of the group") from None
-        bad = next((o for o in overrides if "=" not in o or o.startswith("=")), " ".join(overrides))
-        raise ConfigError("override", bad, "is not Hydra's KEY=VALUE syntax") from None
-    finally:
-        GlobalHydra.instance().clear()
-
-
-MAX_PRECHECKED_JOBS = 256
+    return cfg
 
 
 def precheck(argv: list[str]) -> None:
-    """Validate a command line before Hydra creates anything: every job of a sweep (its first
-    MAX_PRECHECKED_JOBS), through :func:`load_config`. A bad value, a wrong type, an unknown
-    key or option, a malformed override: one sentence on stderr and exit status 2."""
+    """Check a command line before Hydra creates anything. A multirun: every job its sweeper
+    will launch (:func:`randfeat_torch.sweeps.sweep_jobs`; for a sweeper that picks its own
+    jobs, each value of its search space), values only, as the machine that runs a job checks
+    the machine in the job. A single run: its values, and this machine, which runs it. A bad
+    value, type, key, option or override: one sentence on stderr and exit status 2."""
     if any(a.startswith(("-c", "--cfg", "-h", "--help", "--info", "-i", "--shell")) for a in argv):
         return
-    overrides = [
-        a for a in argv if not a.startswith("-") and not a.startswith(("hydra.", "hydra/"))
-    ]
-    parser = OverridesParser.create()
-    axes = []
-    for text in overrides:
-        try:
-            override = parser.parse_overrides([text])[0]
-            if override.is_sweep_override():
-                key = override.get_key_element()
-                axes.append([f"{key}={v}" for v in override.sweep_string_iterator()])
-            else:
-                axes.append([text])
-        except Exception:  # globs and the like: Hydra's sweeper expands them
-            axes.append([text])
+    overrides = [a for a in argv if not a.startswith("-")]
+    multirun = any(a in ("-m", "--multirun") for a in argv)
     try:
-        for job in itertools.islice(itertools.product(*axes), MAX_PRECHECKED_JOBS):
-            load_config(list(job))
-    except ConfigError as error:
+        if not multirun:
+            cfg = load_config([o for o in overrides if not is_hydra_override(o)])
+            check_machine(cfg)
+            return
+        if sweeper_of(overrides) == BASIC_SWEEPER:
+            check_jobs(sweep_jobs(overrides))
+        else:
+            check_jobs(search_jobs(overrides))
+    except UserError as error:
         print(error, file=sys.stderr)
         sys.exit(2)
 
@@ -123,14 +86,14 @@ def summary_line(cfg: DictConfig, result: RunResult) -> str:
     )
 
 
-class ValidateConfig(Callback):
-    """Checks a single run's values before Hydra creates its output dir (``hydra.callbacks``)."""
+class CheckRunDir(Callback):
+    """Refuses a single run's output dir that cannot be written, before Hydra creates it
+    (``hydra.callbacks``; the values were checked by :func:`precheck`)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
-            validate(config)
             check_writable(Path(config.hydra.run.dir))
-        except ConfigError as error:
+        except UserError as error:
             print(error, file=sys.stderr)
             sys.exit(2)
 
@@ -153,7 +116,7 @@ def check_writable(run_dir: Path) -> None:
     except OSError as error:
         ok, reason = False, f"cannot be created ({error.strerror})"
     if not ok:
-        raise ConfigError("hydra.run.dir", str(run_dir), reason)
+        raise OutputError(run_dir, reason)
 
 
 class ThreadsPerWorker(Callback):
@@ -225,18 +188,16 @@ def run(cfg: DictConfig) -> float:
     choices = {k: v for k, v in runtime.choices.items() if v and "/" not in k and "@" not in k}
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        result = train(cfg, run_dir, choices)
+        result = train(cfg, run_dir, choices)  # a failure leaves a record saying so
     except Exception as error:
-        if isinstance(error, ConfigError) and not multirun:
+        if isinstance(error, UserError) and not multirun:
             print(error, file=sys.stderr)
             sys.exit(2)
         if isinstance(error, OSError):  # disk full, folder gone or unwritable: say so
             print(f"cannot write the outputs of this run in {run_dir}: {error}", file=sys.stderr)
             if not multirun:
                 sys.exit(1)
-        else:  # in a sweep, one bad job must not stop the others: record it and go on
-            mark_failed(run_dir, OmegaConf.to_container(cfg, resolve=True), error)
-        raise
+        raise  # in a sweep, one bad job must not stop the others (see ReportJobs)
     if result.status == "interrupted":
         print(
             f"interrupted at step {result.steps_done}: checkpoint and record are in "
@@ -252,5 +213,6 @@ def main() -> None:
     """The ``randfeat-train`` console script: same arguments as ``python train.py``."""
     if not (CONFIG_DIR / "train.yaml").is_file():
         sys.exit(f"randfeat-train: no configs at {CONFIG_DIR}; install with 'pip install -e .'")
+    register_resolvers()
     precheck(sys.argv[1:])
     hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")(run)()

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from randfeat_torch.config import ConfigError
+from randfeat_torch.models import ridge_feature_count
 
 RIDGE_MEMORY_FRACTION = 0.5  # of the free memory that the ridge Gram matrices may take
 
@@ -64,10 +65,10 @@ def _memory_bytes(v: dict[str, Any]) -> int:
     return 4 * (model + v["n_test"] * (v["d"] + 1) + v["n_train"] * (v["d"] + 1) * v["copies"])
 
 
-def check_machine(cfg: DictConfig, ridge_features: int | None = None) -> None:
+def check_machine(cfg: DictConfig) -> None:
     """Refuse a validated config that this machine cannot run: ``device=cuda`` without CUDA,
-    sizes that do not fit in free memory (naming the key that matters most), and ridge Gram
-    matrices on ``ridge_features`` features larger than half the free memory."""
+    sizes that do not fit in free memory (naming the key that matters most), and the Gram
+    matrices of ``optimizer=ridge`` larger than half the free memory."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device", "cuda", "CUDA is not available here; allowed: auto, cpu")
     free = free_memory_bytes(cfg.device)
@@ -84,8 +85,9 @@ def check_machine(cfg: DictConfig, ridge_features: int | None = None) -> None:
             f"this run needs about {need / 2**30:.3g} GiB, more than the {free / 2**30:.3g} GiB "
             "free here",
         )
-    if ridge_features is None:
+    if cfg.optimizer.name != "ridge":
         return
+    ridge_features = ridge_feature_count(cfg.model)
     need = 3 * cfg.replicas * ridge_features**2 * 8  # float64 Gram, its factor, and headroom
     if need > RIDGE_MEMORY_FRACTION * free:
         raise ConfigError(

@@ -26,7 +26,7 @@ from randfeat_torch.config import validate
 from randfeat_torch.data import Batches, Data, Model, TestSet, training_data
 from randfeat_torch.device import Stopwatch, check_machine, resolve_device
 from randfeat_torch.diagnostics import Laziness
-from randfeat_torch.models import LOSSES, TwoLayerNet, build_model, ridge_feature_count
+from randfeat_torch.models import LOSSES, TwoLayerNet, build_model
 from randfeat_torch.optim import (
     PARAMETER_GROUPS,
     GradientPrecision,
@@ -168,7 +168,7 @@ def _train(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None) -> Ru
     POPULATION_FACTORS.keep_for(cfg)
     validate(cfg)
     ridge = cfg.optimizer.name == "ridge"
-    check_machine(cfg, ridge_feature_count(cfg.model) if ridge else None)
+    check_machine(cfg)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from randfeat_torch.cli import CONFIG_DIR
+from randfeat_torch.paths import CONFIG_DIR, register_resolvers
 from randfeat_torch.trainer import RunResult, train
 
 ROOT = CONFIG_DIR.parent
@@ -32,6 +32,7 @@ SMALL = [
 @pytest.fixture
 def make_cfg() -> Iterator[Callable[..., DictConfig]]:
     """compose(*overrides): train.yaml with the SMALL sizes, then the given overrides."""
+    register_resolvers()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
 

@@ -12,11 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util.tensor_util import make_ndarray
 
+from randfeat_torch.sweeps import sweep_jobs
 from tests.conftest import ROOT, SMALL, TEST_DEVICE
 
 pytestmark = pytest.mark.slow
@@ -81,7 +83,13 @@ def test_a_run_writes_its_record_and_tensorboard_scalars(tmp_path):
     layout_event = events.Tensors("custom_scalars__config__")[0]
     layout = layout_pb2.Layout.FromString(make_ndarray(layout_event.tensor_proto).item())
     error_chart = layout.category[0].chart[0].multiline
-    assert list(error_chart.tag) == ["train/error.*", "test/error.*", "theory/.*"]
+    assert list(error_chart.tag) == [
+        "train/error.*",
+        "fit/error.*",
+        "population/error.*",
+        "test/error.*",
+        "theory/.*",
+    ]
 
     hparams = events.PluginTagToContent("hparams")
     start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"])
@@ -113,6 +121,10 @@ def test_a_two_by_two_multirun_leaves_four_records(tmp_path):
         assert record["status"] == "ok"
         seen.add((record["config"]["model"]["name"], record["config"]["d"]))
     assert seen == {("frozen", 4), ("frozen", 8), ("trainable", 4), ("trainable", 8)}
+    # the jobs the command line is checked on are the jobs Hydra's sweeper launched
+    launched = [set(yaml.safe_load(p.read_text())) for p in sweep.glob("*/.hydra/overrides.yaml")]
+    expected = sweep_jobs([*SMALL, "model=frozen,trainable", "d=4,8"])
+    assert sorted(map(sorted, launched)) == sorted(map(sorted, expected))
 
 
 @pytest.mark.parametrize(
@@ -170,11 +182,11 @@ def test_a_failing_job_leaves_a_failed_record_and_the_sweep_goes_on(tmp_path):
     failed = [r for r in records.values() if r["status"] == "failed"]
     assert all("is constant on the 512 test inputs" in r["error"] for r in failed)
     # Every failure is listed as it happens, not only the first.
-    assert done.stderr.count("failed: ConfigError: invalid config: target=relu_neuron") == 2
+    assert done.stderr.count("failed: DataError: target=relu_neuron is constant") == 2
 
     again = app(*args, cwd=tmp_path)
     assert again.stdout.count("[skip]") == 2  # the finished jobs are not trained again
-    assert again.stderr.count("failed: ConfigError") == 2  # the failed ones are retried
+    assert again.stderr.count("failed: DataError") == 2  # the failed ones are retried
 
 
 def test_folders_come_from_the_overrides_and_a_rerun_finds_its_runs(tmp_path):
@@ -203,7 +215,10 @@ def test_an_output_dir_that_cannot_be_written_is_refused(tmp_path):
     blocker.write_text("not a folder")
     done = app(*SMALL, f"hydra.run.dir={blocker / 'run'}", cwd=tmp_path)
     assert done.returncode == 2
-    assert done.stderr.strip().startswith(f"invalid config: hydra.run.dir={blocker / 'run'}")
+    assert done.stderr.strip() == (
+        f"cannot write the outputs of this run in {blocker / 'run'}: it cannot be created "
+        "(Not a directory)"
+    )
     assert "Traceback" not in done.stderr and blocker.read_text() == "not a folder"
 
 

@@ -4,7 +4,6 @@ gives each worker its share of the cores."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import subprocess
@@ -14,36 +13,22 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from randfeat_torch.cli import CONFIG_DIR, ThreadsPerWorker
-from randfeat_torch.config import validate
+from randfeat_torch.cli import ThreadsPerWorker
+from randfeat_torch.paths import CONFIG_DIR
+from randfeat_torch.sweeps import check_jobs, sweep_jobs
 from tests.conftest import ROOT
 
 PRESETS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 FULL = [p for p in PRESETS if not p.endswith("_small")]
 
 
-def sweep_jobs(preset: str) -> list[list[str]]:
-    """The override lists of every job of the preset's own sweep."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", [f"experiment={preset}"], return_hydra_config=True)
-        params = cfg.hydra.sweeper.params
-    GlobalHydra.instance().clear()
-    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
-    axes = [
-        [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
-        if o.is_sweep_override()
-        else [f"{o.get_key_element()}={o.get_value_element_as_str()}"]
-        for o in parsed
-    ]
-    return [list(job) for job in itertools.product(*axes)]
+def preset_jobs(preset: str) -> list[list[str]]:
+    """The override lists of every job of ``python train.py -m experiment=<preset>``."""
+    return sweep_jobs([f"experiment={preset}"])
 
 
 def test_every_preset_has_a_small_variant_and_a_sweep():
@@ -61,35 +46,17 @@ def test_every_preset_has_a_small_variant_and_a_sweep():
     }
     # a preset built on another replaces the axes it fixes (Hydra merges sweeper.params by key)
     for preset, width in (("lazy_scale", "width=1024"), ("lazy_scale_small", "width=256")):
-        assert {o for job in sweep_jobs(preset) for o in job if o.startswith("width=")} == {width}
+        assert {o for job in preset_jobs(preset) for o in job if o.startswith("width=")} == {width}
     for preset in FULL:
         assert f"{preset}_small" in PRESETS
-        assert len(sweep_jobs(preset)) >= len(sweep_jobs(f"{preset}_small")) >= 2
-
-
-GROUP_KEYS = {"input", "target", "model", "optimizer", "fit", "experiment"}
+        assert len(preset_jobs(preset)) >= len(preset_jobs(f"{preset}_small")) >= 2
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_job_of_every_preset_composes_and_validates(preset):
-    # Hydra composes the config groups a job picks, then sets its values: each distinct pick of
-    # groups is composed once, and every job's values are set on a copy of it, as Hydra would.
-    parser = OverridesParser.create()
-    composed: dict[tuple[str, ...], object] = {}
-    jobs = sweep_jobs(preset)
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        for job in jobs:
-            overrides = parser.parse_overrides(job)
-            groups = tuple(o.input_line for o in overrides if o.key_or_group in GROUP_KEYS)
-            if groups not in composed:
-                composed[groups] = compose("train", [f"experiment={preset}", *groups, "device=cpu"])
-            cfg = composed[groups].copy()
-            for o in overrides:
-                if o.key_or_group not in GROUP_KEYS:
-                    OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
-            validate(cfg)
-    GlobalHydra.instance().clear()
+    jobs = preset_jobs(preset)
+    assert jobs and all(f"experiment={preset}" in job for job in jobs)
+    check_jobs([[*job, "device=cpu"] for job in jobs])
 
 
 def run_preset(preset: str, tmp_path: Path, plots: list[str]) -> pd.DataFrame:
