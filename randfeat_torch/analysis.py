@@ -23,10 +23,10 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from randfeat_torch.config import GROUPS, ConfigError
+from randfeat_torch.config import GROUPS
 from randfeat_torch.record import METRICS, NOT_IN_FINGERPRINT, RECORD_NAME
 from randfeat_torch.stats import fit_growth, mean_interval, width_to_reach
-from randfeat_torch.sweeps import sweep_jobs
+from randfeat_torch.sweeps import expand
 from randfeat_torch.targets import replica_seed
 
 TABLE_NAME, SUMMARY_NAME, TENSORBOARD_DIR = "results.csv", "summary.txt", "aggregate"
@@ -91,9 +91,11 @@ def expected_jobs(root: Path) -> int | None:
     path = root / "multirun.yaml"
     if not path.exists():
         return None
+    cfg = OmegaConf.load(path)
+    params = [f"{k}={v}" for k, v in (cfg.hydra.sweeper.get("params") or {}).items()]
     try:
-        return len(sweep_jobs(list(OmegaConf.load(path).hydra.overrides.task)))
-    except ConfigError:
+        return len(expand(params, list(cfg.hydra.overrides.task)))
+    except Exception:  # a sweep that the basic sweeper would not expand (Optuna, say)
         return None
 
 

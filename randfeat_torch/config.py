@@ -450,6 +450,11 @@ def _validate_ridge(cfg: DictConfig) -> None:
         _int_at_least(cfg, "optimizer.chunk_size", 1)
 
 
+def base_lr(lr: float | ListConfig) -> float:
+    """The rate the optimizer itself runs at: the lr, or the first of a per-replica list."""
+    return float(lr[0]) if isinstance(lr, ListConfig) else float(lr)
+
+
 def penalty_list(cfg: DictConfig) -> list[float] | None:
     """The penalties of a penalty path (a list, or the gcv grid), or None for one penalty."""
     penalty = cfg.optimizer.penalty
@@ -517,16 +522,25 @@ def _validate_width_path(cfg: DictConfig) -> None:
         )
 
 
+# What the exact Gaussian moments of random features hold for (theory.relu_population_moments):
+# ReLU features of a frozen net, a target that is a sum of ReLUs, Gaussian inputs.
+EXACT_MOMENTS_NEED = {
+    "model.name": ("frozen",),
+    "model.activation": ("relu",),
+    "input.name": ("gaussian",),
+    "target.name": RELU_SUM_TARGETS,
+}
+
+
+def exact_moments_apply(cfg: DictConfig) -> bool:
+    """Whether the exact population moments of the features hold for this config."""
+    return all(_get(cfg, key) in allowed for key, allowed in EXACT_MOMENTS_NEED.items())
+
+
 def _validate_population(cfg: DictConfig) -> None:
     """optimizer.population=true needs what theory has in closed form: ReLU random features
     (a frozen net) on a ReLU neuron or a zigzag, under Gaussian inputs, and no training set."""
-    needs = {
-        "model.name": ("frozen",),
-        "model.activation": ("relu",),
-        "input.name": ("gaussian",),
-        "target.name": RELU_SUM_TARGETS,
-    }
-    for key, allowed in needs.items():
+    for key, allowed in EXACT_MOMENTS_NEED.items():
         value = _get(cfg, key)
         if value not in allowed:
             raise ConfigError(

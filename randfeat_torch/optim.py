@@ -8,6 +8,8 @@ import torch
 from omegaconf import DictConfig, ListConfig
 from torch import nn
 
+from randfeat_torch.config import base_lr
+
 # The parameter groups of the two-layer net and of its linearization (dw = w - w0, db = b - b0).
 PARAMETER_GROUPS = {"a": "a", "c": "c", "w": "w", "b": "b", "dw": "w", "db": "b"}
 
@@ -86,11 +88,6 @@ def build_optimizer(
         )
     factor = schedule_factor(cfg.schedule, cfg.warmup_steps, steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def base_lr(lr: float | ListConfig) -> float:
-    """The rate the optimizer itself runs at: the lr, or the first of a per-replica list."""
-    return float(lr[0]) if isinstance(lr, ListConfig) else float(lr)
 
 
 class PerReplicaRates:

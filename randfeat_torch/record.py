@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
+from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
-from randfeat_torch.config import CheckpointError
+from randfeat_torch.config import CheckpointError, base_lr
 
 RECORD_NAME = "metrics.json"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -177,6 +178,30 @@ def load_checkpoint(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | N
     if difference:
         raise CheckpointError(path, f"was written for {difference}")
     return checkpoint
+
+
+def hparams_of(cfg: DictConfig) -> dict[str, object]:
+    """The knobs shown as columns in TensorBoard's hparams dashboard (of a rate per replica,
+    the first)."""
+    return {
+        "model": cfg.model.name,
+        "target": cfg.target.name,
+        "input": cfg.input.name,
+        "optimizer": cfg.optimizer.name,
+        "d": cfg.d,
+        "width": cfg.width,
+        "replicas": cfg.replicas,
+        "seed": cfg.seed,
+        "target_seed": cfg.target.seed,
+        "lr": base_lr(cfg.optimizer.lr) if "lr" in cfg.optimizer else None,
+        "steps": cfg.steps,
+        "batch_size": cfg.batch_size,
+        "n_train": cfg.n_train,
+        "activation": cfg.model.activation,
+        "parameterization": cfg.model.parameterization,
+        "lazy_scale": cfg.model.lazy_scale,
+        "loss": cfg.loss,
+    }
 
 
 class RunRecord:

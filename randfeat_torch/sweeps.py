@@ -104,8 +104,16 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
     basic sweeper. Hydra's own overrides (``hydra.*``) are left out of the jobs."""
     task = [o for o in overrides if not is_hydra_override(o)]
     with one_sentence(overrides), hydra_configs() as parser:
-        params = sweeper_params(parser, overrides)
-        batches = BasicSweeper.split_arguments(parser.parse_overrides([*params, *task]), None)
+        return expand(sweeper_params(parser, overrides), task, parser)
+
+
+def expand(
+    params: list[str], task: list[str], parser: OverridesParser | None = None
+) -> list[list[str]]:
+    """The basic sweeper's jobs for its ``params`` and the command line's ``task`` overrides
+    (``parser``: one that knows the config groups, for ``glob``; else a plain one)."""
+    parser = parser or OverridesParser.create()
+    batches = BasicSweeper.split_arguments(parser.parse_overrides([*params, *task]), None)
     return [job for batch in batches for job in batch]
 
 

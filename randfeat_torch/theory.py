@@ -29,7 +29,7 @@ import numpy
 import torch
 from omegaconf import DictConfig
 
-from randfeat_torch.config import RELU_SUM_TARGETS
+from randfeat_torch.config import exact_moments_apply
 from randfeat_torch.models import LinearizedNet, TwoLayerNet
 from randfeat_torch.ridge import mirror_lower, solve_psd
 from randfeat_torch.targets import (
@@ -463,20 +463,6 @@ def relu_rf_population_error(
     return population_error(relu_population_moments(w, b, target), target.variance)
 
 
-def population_moments_apply(
-    cfg: DictConfig, target: Target, model: TwoLayerNet | LinearizedNet
-) -> bool:
-    """Whether the exact population moments hold for this run: ReLU random features (a frozen
-    two-layer net) on a sum-of-ReLUs target, under Gaussian inputs."""
-    return (
-        cfg.input.name == "gaussian"
-        and target.name in RELU_SUM_TARGETS  # the list that optimizer.population is checked on
-        and isinstance(model, TwoLayerNet)
-        and model.frozen
-        and cfg.model.activation == "relu"
-    )
-
-
 def exact_variance(target: Target, inputs: str) -> float | None:
     """Var f under the named inputs where it is known in closed form (or by the 1D quadrature
     of a zigzag, to ~1e-10), else None."""
@@ -544,8 +530,7 @@ def reference_errors(
         return errors
     relu = relu_sum(target)
     if moments is None and (
-        population_moments_apply(cfg, target, model)
-        and cfg.replicas * cfg.width**2 <= POPULATION_MAX_ENTRIES
+        exact_moments_apply(cfg) and cfg.replicas * cfg.width**2 <= POPULATION_MAX_ENTRIES
     ):
         moments = relu_population_moments(model.w, model.b, relu)
     if moments is not None:

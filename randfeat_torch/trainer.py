@@ -31,10 +31,15 @@ from randfeat_torch.optim import (
     PARAMETER_GROUPS,
     GradientPrecision,
     PerReplicaRates,
-    base_lr,
     build_optimizer,
 )
-from randfeat_torch.record import CHECKPOINT_NAME, RunRecord, load_checkpoint, mark_failed
+from randfeat_torch.record import (
+    CHECKPOINT_NAME,
+    RunRecord,
+    hparams_of,
+    load_checkpoint,
+    mark_failed,
+)
 from randfeat_torch.solvers import (
     POPULATION_FACTORS,
     exact_moments,
@@ -117,29 +122,6 @@ def gradient_step(
         return loss.detach()
 
     return autograd
-
-
-def hparams_of(cfg: DictConfig) -> dict[str, object]:
-    """The knobs shown as columns in TensorBoard's hparams dashboard."""
-    return {
-        "model": cfg.model.name,
-        "target": cfg.target.name,
-        "input": cfg.input.name,
-        "optimizer": cfg.optimizer.name,
-        "d": cfg.d,
-        "width": cfg.width,
-        "replicas": cfg.replicas,
-        "seed": cfg.seed,
-        "target_seed": cfg.target.seed,
-        "lr": base_lr(cfg.optimizer.lr) if "lr" in cfg.optimizer else None,
-        "steps": cfg.steps,
-        "batch_size": cfg.batch_size,
-        "n_train": cfg.n_train,
-        "activation": cfg.model.activation,
-        "parameterization": cfg.model.parameterization,
-        "lazy_scale": cfg.model.lazy_scale,
-        "loss": cfg.loss,
-    }
 
 
 def train(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = None) -> RunResult:

@@ -53,9 +53,9 @@ from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from randfeat_torch.cli import CONFIG_DIR
 from randfeat_torch.device import Stopwatch
 from randfeat_torch.models import TwoLayerNet
+from randfeat_torch.paths import CONFIG_DIR, register_resolvers
 from randfeat_torch.ridge import penalty_path, sampled_moments
 from randfeat_torch.solvers import POPULATION_FACTORS
 from randfeat_torch.trainer import compile_step, train
@@ -112,6 +112,7 @@ class Trainer:
 
     def __init__(self, device: str) -> None:
         self.device = device
+        register_resolvers()
         self.tmp = Path(tempfile.mkdtemp(prefix="randfeat-bench-"))
         self.runs = 0
 
