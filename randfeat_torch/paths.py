@@ -1,7 +1,10 @@
 """Where a run's outputs go, and the resolvers that the configs use.
 
-The folder of a run or a sweep is derived from its overrides (``folder``), so that rerunning a
-command finds its run; ``calc`` does arithmetic in configs. :func:`register_resolvers` puts
+The folder of a run, of a sweep and of a sweep's job is derived from overrides (``folder``),
+never from their order nor from a job number, so that rerunning a command finds its runs: a
+job's folder is named by its own sorted overrides, a sweep's by its fixed overrides and the
+keys it sweeps (:func:`sweep_name`), so that a sweep reordered or given one more value finds
+the jobs it already ran. ``calc`` does arithmetic in configs. :func:`register_resolvers` puts
 them in OmegaConf; the entry points (``cli``, ``api``, the tests) call it before composing,
 and importing any other module registers nothing.
 """
@@ -16,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -52,14 +56,32 @@ def calc(expression: str) -> int | float:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
+# Keys that change no result, left out of every folder name (train.yaml's override_dirname too).
+COSMETIC_KEYS = ("aggregate", "progress", "resume")
+
+
+def sweep_name(overrides: list[str]) -> str:
+    """What names a sweep: its fixed overrides, sorted, then ``sweep=`` and the keys it sweeps,
+    sorted, whatever their values (``width=16,8 steps=2 d=6,4`` -> ``steps=2,sweep=d+width``),
+    so that a sweep reordered or extended keeps its folder. Cosmetic keys are left out."""
+    parsed = [
+        o
+        for o in OverridesParser.create().parse_overrides(list(overrides))
+        if o.key_or_group not in COSMETIC_KEYS and not o.key_or_group.startswith("hydra.")
+    ]
+    fixed = sorted(o.input_line for o in parsed if not o.is_sweep_override())
+    swept = sorted({o.key_or_group for o in parsed if o.is_sweep_override()})
+    return ",".join([*fixed, *([f"sweep={'+'.join(swept)}"] if swept else [])])
+
+
 def folder_name(overrides: Any, resume: bool = True) -> str:
-    """A folder name derived from the overrides (``default`` without any), safe for the file
-    system: a rerun of the same command finds its folder. With ``resume=false`` a timestamp
-    is appended, so that a fresh start never writes over an earlier run."""
-    if not isinstance(overrides, str):  # hydra.overrides.task: a list of KEY=VALUE strings
-        # the keys that the job folders leave out too (train.yaml: override_dirname)
-        cosmetic = ("aggregate=", "progress=", "resume=", "hydra.")
-        overrides = ",".join(o for o in overrides if not o.startswith(cosmetic))
+    """A folder name derived from overrides (``default`` without any), safe for the file
+    system, hashed past 120 characters: a job's sorted ``override_dirname``, or a sweep's
+    command line (``hydra.overrides.task``, a list: named by :func:`sweep_name`). A rerun
+    finds its folder; with ``resume=false`` a timestamp is appended, so that a fresh start
+    never writes over an earlier run."""
+    if not isinstance(overrides, str):
+        overrides = sweep_name(overrides)
     name = "".join(c if c.isalnum() or c in "=,.-_+[]" else "_" for c in overrides) or "default"
     if len(name) > 120:
         name = f"{name[:100]}_{hashlib.sha1(name.encode()).hexdigest()[:10]}"
