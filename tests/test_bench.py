@@ -13,6 +13,21 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
+# Each figure's ratio, as the two numbers of the figure it divides (ours first).
+RATIO_OF = {
+    "single_trainable": ("ours", "baseline"),
+    "single_frozen": ("ours", "baseline"),
+    "replicas": ("ours", "baseline"),
+    "compile": ("ours", "baseline"),
+    "large_fraction_of_peak": ("achieved_flops", "peak_flops"),
+    "closed_form": ("sgd_s", "fit_s"),
+    "closed_form_sampled": ("sgd_s", "fit_s"),
+    "width_path": ("path_s", "plain_s"),
+    "width_path_sampled": ("path_s", "plain_s"),
+    "penalty_path": ("eigh_s", "path_s"),
+    "startup": ("train_py_s", "import_torch_s"),
+}
+
 
 def test_bench_quick_produces_every_figure(tmp_path):
     out = tmp_path / "bench.json"
@@ -45,8 +60,13 @@ def test_bench_quick_produces_every_figure(tmp_path):
         }
     )
     for name, figure in figures.items():
-        assert math.isfinite(figure["ratio"]) and figure["ratio"] > 0, name
+        assert math.isfinite(figure["ratio"]), name
         assert name in done.stdout
+        if name in RATIO_OF:  # the ratio of the two medians it reports (one float division)
+            top, bottom = RATIO_OF[name]
+            assert figure["ratio"] == pytest.approx(figure[top] / figure[bottom], rel=1e-12), name
+    # A whole run over the same run less its laziness measures (the median of those ratios).
+    assert figures["laziness"]["ratio"] >= 1 and figures["laziness"]["laziness_s"] > 0
     assert (
         figures["large_fraction_of_peak"]["peak_flops"]
         > figures["large_fraction_of_peak"]["achieved_flops"]

@@ -65,8 +65,9 @@ def test_a_run_writes_its_record_and_tensorboard_scalars(tmp_path):
     assert metrics["test_error_sample"] != pytest.approx(metrics["test_error"], rel=1e-6)
     assert record["theory"]["best_degree_1"] == pytest.approx(0.2665, abs=1e-4)
     assert record["choices"]["model"] == "trainable"
-    assert 0 < record["metrics"]["test_error"] < 2
-    assert record["wall_time_s"] > 0 and record["steps_per_s"] > 0 and record["steps_done"] == 20
+    # The rate is over the steps' own time, a part of the run's wall time.
+    assert record["steps_done"] == 20
+    assert record["steps_per_s"] >= record["steps_done"] / record["wall_time_s"]
     assert record["device"] == TEST_DEVICE
     assert record["versions"]["torch"] and record["versions"]["python"]
     assert "commit" in record["git"]
@@ -79,6 +80,7 @@ def test_a_run_writes_its_record_and_tensorboard_scalars(tmp_path):
     assert {"theory/best_degree_1", "theory/best_constant"} <= tags
     assert [e.step for e in events.Scalars("test/error")] == [0, 10, 20]
     assert events.Scalars("test/error")[-1].value == pytest.approx(record["metrics"]["test_error"])
+    assert events.Scalars("test/error")[-1].value < events.Scalars("test/error")[0].value  # learns
 
     layout_event = events.Tensors("custom_scalars__config__")[0]
     layout = layout_pb2.Layout.FromString(make_ndarray(layout_event.tensor_proto).item())

@@ -3,31 +3,58 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
+from randfeat_torch import data
 from randfeat_torch.cli import CONFIG_DIR, load_config
-from randfeat_torch.config import ConfigError, validate
+from randfeat_torch.config import GROUPS, ConfigError, validate
 from randfeat_torch.models import build_model
 from randfeat_torch.optim import build_optimizer
+from randfeat_torch.sweeps import hydra_configs
+from randfeat_torch.targets import build_target
 from randfeat_torch.trainer import train
-from tests.conftest import SMALL
+from tests.conftest import SMALL, compose_cached, compose_train
+from tests.test_presets import PRESETS
 
 CPU = torch.device("cpu")
 
 GROUP_OPTIONS = [
     (group, path.stem)
-    for group in ("target", "model", "optimizer")
+    for group in ("input", "target", "model", "optimizer")
     for path in sorted((CONFIG_DIR / group).glob("*.yaml"))
 ]
+FITS = sorted(path.stem for path in (CONFIG_DIR / "fit").glob("*.yaml"))
 
 
-def test_every_group_has_its_options():
-    names = {f"{g}/{o}" for g, o in GROUP_OPTIONS}
-    assert {"target/relu_neuron", "target/polynomial", "model/frozen", "model/trainable"} <= names
-    assert {"optimizer/sgd", "optimizer/adam"} <= names
+def test_the_tests_compose_every_option_that_hydra_offers():
+    """The parametrized tests below (and test_presets for the experiments) cover the options
+    of every group as Hydra lists them, the ConfigStore's included: a new group, or an option
+    that the globs miss, fails here."""
+    with hydra_configs():
+        loader = GlobalHydra.instance().hydra.config_loader
+        offered = {(g, o) for g in GROUPS for o in loader.get_group_options(g)}
+    covered = {*GROUP_OPTIONS, *(("fit", o) for o in FITS), *(("experiment", p) for p in PRESETS)}
+    assert offered == covered
+
+
+def assert_error_on_fresh_samples(cfg, result, n: int = 20_000) -> None:
+    """The recorded test error is the returned model's on the target: its normalised MSE on
+    n fresh samples agrees within 5 standard errors of the difference of the two means."""
+    device = torch.device(cfg.device)
+    target = build_target(cfg.target, device)
+    variance = data.TestSet(cfg, target, device).variance.double()
+    x, y = data.Data(cfg, target, device, cfg.target.seed + 1, data.TEST_STREAM).draw(n)
+    with torch.no_grad():
+        squares = (result.model(x) - y).double().square() / variance  # (R, n)
+    sigma = squares.std(1) * math.sqrt(1 / cfg.n_test + 1 / n)
+    recorded = result.metrics["test_error"].double().to(device)
+    assert ((recorded - squares.mean(1)).abs() <= 5 * sigma).all(), (recorded, squares.mean(1))
 
 
 NEEDS = {"optimizer/ridge": ["model=frozen", "n_train=64"]}
@@ -41,22 +68,21 @@ def test_every_yaml_composes_and_trains(make_cfg, tmp_path, group, option):
     result = train(cfg, tmp_path)
     assert result.status == "ok"
     assert result.model(torch.randn(5, cfg.d)).shape == (cfg.replicas, 5)
-    assert 0 < result.test_error < 10
+    assert_error_on_fresh_samples(cfg, result)
 
 
 # Enough samples for the ridge fits to be near their optimum (64 and 640 features).
 FIT_NEEDS = {"rf_ridge": ["n_train=1000"], "nt_ridge": ["n_train=3000"]}
 
 
-@pytest.mark.parametrize(
-    "option", sorted(path.stem for path in (CONFIG_DIR / "fit").glob("*.yaml"))
-)
+@pytest.mark.parametrize("option", FITS)
 def test_every_fit_composes_and_trains(make_cfg, tmp_path, option):
     cfg = make_cfg(f"fit={option}", *FIT_NEEDS.get(option, []))
     validate(cfg)
     assert cfg.model.name == {"nn": "trainable", "rf": "frozen", "nt": "linearized"}[option[:2]]
     result = train(cfg, tmp_path)
-    assert result.status == "ok" and 0 < result.test_error < 10  # 20 SGD steps learn little
+    assert result.status == "ok"
+    assert_error_on_fresh_samples(cfg, result)
     if option == "rf_population":  # no samples: its fit is the exact population optimum
         assert cfg.optimizer.population and cfg.n_train is None
         error = float(result.metrics["population_mse"][0]) / (0.5 - 1 / (2 * math.pi))  # / Var f
@@ -74,6 +100,37 @@ def test_the_optimizer_gets_the_parameters_of_the_regime(make_cfg, regime):
     trained = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     first_layer = cfg.width * cfg.d + cfg.width
     assert trained == cfg.width + 1 + (0 if regime == "frozen" else first_layer)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["model=frozen", "optimizer=ridge", "n_train=64", "width=7"],
+        ["target.degree=2", "target=polynomial", "width=${d}"],  # a value before its group
+        ["optimizer.lr=[0.05,0.2]", "replicas=2", "steps_to_error=[2,0.5]", "n_train=null"],
+        ["fit=rf_population", "d=13"],
+        ["experiment=gd_vs_rf_small", "seed=3"],
+        ["+vars.ratio=2", "seed=${vars.ratio}"],  # Hydra composes it whole
+    ],
+)
+def test_the_fixture_composes_what_hydra_composes(overrides):
+    """make_cfg sets the values on a copy of each pick of groups composed once: the same
+    config as Hydra's (values, interpolations, struct flag), and no copy shares a node."""
+    cached, hydra = compose_cached([*SMALL, *overrides]), compose_train([*SMALL, *overrides])
+    assert OmegaConf.to_yaml(cached) == OmegaConf.to_yaml(hydra)
+    assert OmegaConf.to_yaml(cached, resolve=True) == OmegaConf.to_yaml(hydra, resolve=True)
+    assert OmegaConf.is_struct(cached) and OmegaConf.is_struct(hydra)
+    cached.model.width = 3
+    assert compose_cached([*SMALL, *overrides]).model.width == hydra.model.width
+
+
+@pytest.mark.parametrize("override", ["loss=huber", "nosuchkey=1", "model=nosuch"])
+def test_the_fixture_refuses_what_hydra_refuses_with_hydras_error(override):
+    with pytest.raises(Exception) as hydra:
+        compose_train([*SMALL, override])
+    with pytest.raises(type(hydra.value), match=re.escape(str(hydra.value))):
+        compose_cached([*SMALL, override])
 
 
 def test_groups_read_the_top_level_knobs(make_cfg):

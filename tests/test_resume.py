@@ -10,10 +10,12 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.summary.writer import event_file_writer
 
 from randfeat_torch.config import CheckpointError
 from randfeat_torch.data import Batches
@@ -68,12 +70,19 @@ CASES = {
 
 
 def train_again(cfg, run_dir, **options):
-    """``train`` in a run dir that has event files, in a later wall-clock second: TensorBoard
-    reads a run's event files in name order, names start with the second they were made, and
-    in one process their counters sort as text (".12" before ".9"). A real resume starts a
-    new process, seconds later."""
-    time.sleep(1.01 - time.time() % 1)
-    return train(cfg, run_dir, **options)
+    """``train`` in a run dir that has event files, its own named for a later wall-clock second,
+    as a real resume (a new process, seconds later) names them: TensorBoard reads a run's event
+    files in name order, a name starts with the second its writer was made (``time.time()`` in
+    tensorboard's event_file_writer), and in one process the counters after it sort as text
+    (".12" before ".9"). That clock reads at least one second past the newest file's."""
+    newest = max(int(p.name.split(".")[3]) for p in run_dir.glob("events.out.tfevents.*"))
+
+    def clock() -> float:
+        return max(time.time(), newest + 1.0)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(event_file_writer, "time", SimpleNamespace(time=clock))
+        return train(cfg, run_dir, **options)
 
 
 def train_until_sigterm(cfg, run_dir, step: int):
