@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -10,14 +9,10 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override
-from hydra.errors import OverrideParseException
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 
-from randfeat_torch.config import GROUPS
 from randfeat_torch.paths import CONFIG_DIR, register_resolvers
+from randfeat_torch.sweeps import Composer
 from randfeat_torch.trainer import RunResult, train
 
 ROOT = CONFIG_DIR.parent
@@ -47,59 +42,17 @@ def compose_train(overrides: Sequence[str]) -> DictConfig:
         GlobalHydra.instance().clear()
 
 
-def split_overrides(overrides: Sequence[str]) -> tuple[tuple[str, ...], list[Override]] | None:
-    """The group choices (``model=frozen``) and the value overrides (``d=8``, ``model.width=7``)
-    of a command line, or None where it holds anything else (``+``, ``~``, a sweep, a package,
-    ``hydra.*``, a group of the ConfigStore): those go to Hydra whole."""
-    groups, values = [], []
-    for o in OverridesParser.create().parse_overrides(list(overrides)):
-        key = o.key_or_group
-        if o.package is not None or o.is_sweep_override() or o.is_hydra_override():
-            return None
-        if o.is_add() or o.is_force_add() or o.is_delete() or "/" in key or key == "schema":
-            return None
-        if key in GROUPS:
-            groups.append(o.input_line)
-        else:
-            values.append(o)
-    return tuple(groups), values
-
-
-COMPOSED: dict[tuple[str, ...], DictConfig] = {}  # group choices -> Hydra's config, per session
-
-
-def compose_cached(overrides: Sequence[str]) -> DictConfig:
-    """What ``compose_train(overrides)`` returns, about 60x cheaper on a repeated choice of
-    groups: Hydra composes each choice of groups once per session (it reads every YAML of the
-    defaults tree again on every compose: about 65 ms), and the value overrides are set on a
-    deep copy of it as Hydra sets them, in order, after composing. A value that Hydra would
-    refuse goes to Hydra, for Hydra's own error."""
-    try:
-        split = split_overrides(overrides)
-    except OverrideParseException:  # for Hydra's own error
-        split = None
-    if split is None:
-        return compose_train(overrides)
-    groups, values = split
-    if groups not in COMPOSED:
-        COMPOSED[groups] = compose_train(groups)
-    cfg = copy.deepcopy(COMPOSED[groups])
-    try:
-        for o in values:
-            OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
-    except OmegaConfBaseException:
-        return compose_train(overrides)
-    return cfg
+COMPOSE = Composer(compose_train)  # each pick of config groups composed once per session
 
 
 @pytest.fixture
 def make_cfg() -> Iterator[Callable[..., DictConfig]]:
     """compose(*overrides): train.yaml with the SMALL sizes, then the given overrides (see
-    :func:`compose_cached`); GlobalHydra is cleared afterwards."""
+    :class:`randfeat_torch.sweeps.Composer`); GlobalHydra is cleared afterwards."""
     register_resolvers()
 
     def make(*overrides: str) -> DictConfig:
-        return compose_cached([*SMALL, *overrides])
+        return COMPOSE([*SMALL, *overrides])
 
     yield make
     GlobalHydra.instance().clear()

@@ -19,7 +19,7 @@ from randfeat_torch.optim import build_optimizer
 from randfeat_torch.sweeps import hydra_configs
 from randfeat_torch.targets import build_target
 from randfeat_torch.trainer import train
-from tests.conftest import SMALL, compose_cached, compose_train
+from tests.conftest import COMPOSE, SMALL, compose_train
 from tests.test_presets import PRESETS
 
 CPU = torch.device("cpu")
@@ -117,12 +117,12 @@ def test_the_optimizer_gets_the_parameters_of_the_regime(make_cfg, regime):
 def test_the_fixture_composes_what_hydra_composes(overrides):
     """make_cfg sets the values on a copy of each pick of groups composed once: the same
     config as Hydra's (values, interpolations, struct flag), and no copy shares a node."""
-    cached, hydra = compose_cached([*SMALL, *overrides]), compose_train([*SMALL, *overrides])
+    cached, hydra = COMPOSE([*SMALL, *overrides]), compose_train([*SMALL, *overrides])
     assert OmegaConf.to_yaml(cached) == OmegaConf.to_yaml(hydra)
     assert OmegaConf.to_yaml(cached, resolve=True) == OmegaConf.to_yaml(hydra, resolve=True)
     assert OmegaConf.is_struct(cached) and OmegaConf.is_struct(hydra)
     cached.model.width = 3
-    assert compose_cached([*SMALL, *overrides]).model.width == hydra.model.width
+    assert COMPOSE([*SMALL, *overrides]).model.width == hydra.model.width
 
 
 @pytest.mark.parametrize("override", ["loss=huber", "nosuchkey=1", "model=nosuch"])
@@ -130,7 +130,7 @@ def test_the_fixture_refuses_what_hydra_refuses_with_hydras_error(override):
     with pytest.raises(Exception) as hydra:
         compose_train([*SMALL, override])
     with pytest.raises(type(hydra.value), match=re.escape(str(hydra.value))):
-        compose_cached([*SMALL, override])
+        COMPOSE([*SMALL, override])
 
 
 def test_groups_read_the_top_level_knobs(make_cfg):
