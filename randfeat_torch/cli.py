@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from omegaconf import DictConfig
 from randfeat_torch.config import OutputError, UserError, validate
 from randfeat_torch.device import check_machine
 from randfeat_torch.paths import CONFIG_DIR, SWEEP_DIR_VARIABLE, register_resolvers
-from randfeat_torch.record import RECORD_NAME, read_record
+from randfeat_torch.record import RECORD_NAME, finished_error, read_record
 from randfeat_torch.sweeps import (
     BASIC_SWEEPER,
     check_jobs,
@@ -33,7 +34,7 @@ from randfeat_torch.sweeps import (
     sweep_jobs,
     sweeper_of,
 )
-from randfeat_torch.trainer import RunResult, train
+from randfeat_torch.trainer import Interrupted, RunResult, train
 
 
 def load_config(overrides: list[str]) -> DictConfig:
@@ -44,6 +45,12 @@ def load_config(overrides: list[str]) -> DictConfig:
     with one_sentence(overrides):
         validate(cfg)
     return cfg
+
+
+def group_choices(choices: Mapping[str, Any]) -> dict[str, str]:
+    """Our config groups' picks among Hydra's runtime choices (not Hydra's own groups
+    ``hydra/...`` nor the schemas ``schema/...``), for the record."""
+    return {k: v for k, v in choices.items() if v and "/" not in k and "@" not in k}
 
 
 def precheck(argv: list[str]) -> None:
@@ -175,20 +182,27 @@ def run(cfg: DictConfig) -> float:
     runtime = HydraConfig.get().runtime
     run_dir = Path(runtime.output_dir)
     done = read_record(run_dir) if cfg.resume else None
-    if done and done.get("status") == "ok":
-        errors = done["metrics"]["test_error"]
-        error = sum(errors) / len(errors) if isinstance(errors, list) else errors
+    error = finished_error(done)
+    if done and done.get("status") == "ok" and error is None:
+        print(f"[rerun] {run_dir}: its record says ok but holds no test error", flush=True)
+    if error is not None:
         print(
             f"[skip] {run_dir} is finished (status ok, test error {error:.4g}); "
             "resume=false trains it again",
             flush=True,
         )
         return error
-    # Our groups' picks (not Hydra's own groups "hydra/..." nor the schemas "schema/...").
-    choices = {k: v for k, v in runtime.choices.items() if v and "/" not in k and "@" not in k}
+    choices = group_choices(runtime.choices)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         result = train(cfg, run_dir, choices)  # a failure leaves a record saying so
+    except Interrupted as stop:  # during set-up or a closed-form fit: nothing to resume from
+        print(
+            f"{stop} before any checkpoint (the record in {run_dir}, if there is one, says "
+            "interrupted); run the same command again to start it over",
+            file=sys.stderr,
+        )
+        sys.exit(128 + stop.signum)
     except Exception as error:
         if isinstance(error, UserError) and not multirun:
             print(error, file=sys.stderr)

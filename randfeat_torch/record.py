@@ -6,6 +6,7 @@ only; the TensorBoard file is for looking at curves.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -21,10 +22,12 @@ from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
-from randfeat_torch.config import CheckpointError, base_lr
+from randfeat_torch.config import CheckpointError, UserError, base_lr
 
 RECORD_NAME = "metrics.json"
 CHECKPOINT_NAME = "checkpoint.pt"
+LOCK_NAME = ".lock"
+TMP_SUFFIX = ".tmp"  # atomic writes in flight: .metrics.json.XXXX.tmp, .checkpoint.pt.XXXX.tmp
 CHECKPOINT_VERSION = 2  # 2: the loop's resumable objects by name (trainer.Loop.resumable)
 # Keys that do not change what a run computes: a checkpoint stays valid across them.
 NOT_IN_FINGERPRINT = ("progress", "aggregate", "checkpoint_every", "resume", "threads")
@@ -76,10 +79,21 @@ LAYOUT = {
 }
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() would give: collaborators read the records
+
+
 def atomic_write(path: Path, write: Callable[[IO[Any]], None], binary: bool = False) -> None:
     """Write ``path`` through a temporary file in the same folder, synced, then renamed over
-    it: a reader sees the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    it: a reader sees the old file or the new one, never half of one. The file gets the mode
+    that the umask gives any new file (a temporary file alone would be private)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    os.fchmod(fd, FILE_MODE)
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
@@ -102,6 +116,59 @@ def read_record(run_dir: Path) -> dict[str, Any] | None:
         return json.loads((Path(run_dir) / RECORD_NAME).read_text())
     except (OSError, ValueError):
         return None
+
+
+def finished_error(record: dict[str, Any] | None) -> float | None:
+    """The mean final test error of a record that says the run finished (``ok`` with a test
+    error), else None: such a run is skipped on a rerun, any other is trained (again)."""
+    if not record or record.get("status") != "ok":
+        return None
+    errors = (record.get("metrics") or {}).get("test_error")
+    values = errors if isinstance(errors, list) else [errors]
+    if not values or not all(isinstance(v, (int, float)) for v in values):
+        return None
+    return sum(values) / len(values)
+
+
+class RunLocked(UserError):
+    """Another process holds the run folder."""
+
+    def __init__(self, run_dir: Path, holder: str) -> None:
+        super().__init__(
+            f"cannot run in {run_dir}: another process ({holder}) is running there; wait for "
+            "it to end, or use another folder"
+        )
+
+
+class RunLock:
+    """One process at a time in a run folder: an exclusive ``flock`` on its ``.lock`` file,
+    which names the holder (pid and host) and is released when the process ends, however it
+    ends. Taking it also removes what atomic writes of a process killed mid-write left."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunLocked(self.run_dir, holder) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}".encode(), 0)
+        self.fd = fd
+        for stale in self.run_dir.glob(f".*{TMP_SUFFIX}"):
+            stale.unlink(missing_ok=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock
+            self.fd = None
 
 
 def mark_failed(run_dir: Path, config: dict[str, Any], error: BaseException) -> None:
@@ -221,7 +288,10 @@ class RunRecord:
         self.path = self.run_dir / RECORD_NAME
         self.hparam_dict = hparam_dict
         resumed = None if checkpoint is None else checkpoint["progress"]["step"]
-        purge = None if resumed is None else resumed + 1
+        self.resumed_from = resumed
+        # A fresh start over event files of a run killed before its first checkpoint drops them.
+        earlier = any(self.run_dir.glob("events.out.tfevents.*"))
+        purge = resumed + 1 if resumed is not None else 0 if earlier else None
         self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge)
         if resumed is None:
             self.writer.add_custom_scalars(LAYOUT)

@@ -13,8 +13,10 @@ from __future__ import annotations
 import dataclasses
 import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from randfeat_torch.config import validate
+from randfeat_torch.config import CheckpointError, validate
 from randfeat_torch.data import Batches, Data, Model, TestSet, training_data
 from randfeat_torch.device import Stopwatch, check_machine, resolve_device
 from randfeat_torch.diagnostics import Laziness
@@ -35,6 +37,8 @@ from randfeat_torch.optim import (
 )
 from randfeat_torch.record import (
     CHECKPOINT_NAME,
+    RunLock,
+    RunLocked,
     RunRecord,
     hparams_of,
     load_checkpoint,
@@ -42,6 +46,7 @@ from randfeat_torch.record import (
 )
 from randfeat_torch.solvers import (
     POPULATION_FACTORS,
+    ExactMoments,
     exact_moments,
     fit_by_ridge,
     output_weight_norms,
@@ -124,24 +129,60 @@ def gradient_step(
     return autograd
 
 
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT outside the optimizer loop's steps (set-up, a closed-form fit): the
+    run stops at once. A BaseException, so that no handler of errors on the way catches it."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+@contextmanager
+def interrupts_raise() -> Iterator[None]:
+    """While inside, SIGTERM and SIGINT raise :class:`Interrupted` (in the main thread; the
+    loop's steps replace this by a flag acted on at the end of a step)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
 def train(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = None) -> RunResult:
     """Train the configured model on the configured target; write the record in ``run_dir``.
 
     ``choices``: the config-group options picked (Hydra's runtime choices), for the record.
     With ``resume`` and a checkpoint in ``run_dir``, the run continues from it and ends with
     the metrics an uninterrupted run would have (bit-identical on CPU). SIGTERM or SIGINT
-    during the loop: a checkpoint, status ``interrupted``, and a result saying which signal.
+    during the loop: a checkpoint, status ``interrupted``, and a result saying which signal;
+    during set-up or a closed-form fit: :class:`Interrupted` (the record, where there is one,
+    says ``interrupted``). One process at a time may run in ``run_dir`` (:class:`RunLock`).
+
     A run that raises leaves a record with status ``failed`` and the error (this is the one
     place that records failures; one that fails before it starts, say on a value the data
-    refuse, leaves such a record only where there is none yet: an earlier run's stays)."""
+    refuse, leaves such a record only where there is none yet: an earlier run's stays). A
+    write that fails (a full disk) leaves the last record written as it was."""
+    run_dir = Path(run_dir)
     try:
-        return _train(cfg, Path(run_dir), choices)
+        with interrupts_raise():
+            return _train(cfg, run_dir, choices)
+    except (OSError, RunLocked, CheckpointError):
+        raise  # nothing to add to the record: it keeps its last good state
     except Exception as error:
         try:
             config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         except Exception:  # an interpolation that cannot resolve: record it as written
             config = OmegaConf.to_container(cfg, enum_to_str=True)
-        mark_failed(Path(run_dir), config, error)
+        mark_failed(run_dir, config, error)
         raise
 
 
@@ -163,9 +204,29 @@ def _train(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None) -> Ru
     rf_exact = not (ridge and cfg.optimizer.width_path and cfg.optimizer.population)
     theory = reference_errors(cfg, target, model, exact and exact.moments, rf_exact)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    checkpoint = load_checkpoint(Path(run_dir), config) if cfg.resume else None
+    with RunLock(run_dir):
+        checkpoint = load_checkpoint(run_dir, config) if cfg.resume else None
+        loop = None if ridge else Loop(cfg, model, data, test_set, start)
+        if loop is not None and checkpoint is not None:
+            loop.restore(checkpoint, run_dir / CHECKPOINT_NAME)  # before anything is written
+        record = RunRecord(run_dir, config, hparams_of(cfg), checkpoint)
+        return _fit(cfg, record, loop, model, data, test_set, exact, theory, choices, start)
 
-    record = RunRecord(Path(run_dir), config, hparams_of(cfg), checkpoint)
+
+def _fit(
+    cfg: DictConfig,
+    record: RunRecord,
+    loop: Loop | None,
+    model: Model,
+    data: Data,
+    test_set: TestSet,
+    exact: ExactMoments | None,
+    theory: dict[str, object],
+    choices: dict[str, str] | None,
+    start: float,
+) -> RunResult:
+    """Fit with the loop or, without one, by ridge, and close the record."""
+    device = data.device
     record.write(
         "running",
         device=str(device),
@@ -175,24 +236,31 @@ def _train(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None) -> Ru
         theory=theory,
         choices=choices or {},
     )
-    if checkpoint is None:
+    if record.resumed_from is None:
         record.log_theory(0, theory)
-        kind = "train" if not ridge else "population" if cfg.optimizer.population else "fit"
+        kind = "train" if loop else "population" if cfg.optimizer.population else "fit"
         nothing = torch.full((cfg.replicas,), torch.nan, device=device)  # nothing fitted yet
         initial = test_set.evaluate(model, nothing, kind)
         record.log_eval(0, initial)
     interrupted_by = None
     try:
-        if ridge:
+        if loop is None:
             status, metrics, steps_done, steps_per_s = fit_by_ridge(
                 cfg, model, data, test_set, record, exact
             )
         else:
-            loop = Loop(cfg, model, data, test_set, record, start)
-            status, metrics, steps_done, steps_per_s = loop.run(checkpoint)
+            status, metrics, steps_done, steps_per_s = loop.run(record)
             interrupted_by = loop.signal
-    except KeyboardInterrupt:
-        record.write("interrupted", wall_time_s=time.perf_counter() - start)
+    except (KeyboardInterrupt, Interrupted) as error:
+        signum = getattr(error, "signum", signal.SIGINT)
+        record.write(
+            "interrupted",
+            interrupted_by=signal.Signals(signum).name,
+            wall_time_s=time.perf_counter() - start,
+        )
+        record.close(None, 0)
+        raise
+    except OSError:
         record.close(None, 0)
         raise
     except Exception as error:
@@ -207,7 +275,7 @@ def _train(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None) -> Ru
     if status == "interrupted":
         record.close(None, steps_done)
     else:
-        (Path(run_dir) / CHECKPOINT_NAME).unlink(missing_ok=True)  # finished: nothing to resume
+        (record.run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)  # finished: nothing to resume
         record.log_theory(steps_done, theory)
         record.write(
             status,
@@ -226,7 +294,7 @@ def _train(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None) -> Ru
         wall_time,
         steps_per_s,
         str(device),
-        Path(run_dir),
+        record.run_dir,
         model,
         interrupted_by,
     )
@@ -290,11 +358,11 @@ class Loop:
         model: Model,
         data: Data,
         test_set: TestSet,
-        record: RunRecord,
         start: float,
     ) -> None:
         self.cfg, self.model, self.data, self.test_set = cfg, model, data, test_set
-        self.record, self.start = record, start
+        self.start = start
+        self.record: RunRecord | None = None  # given to run()
         self.batches = Batches(cfg, data)
         self.optimizer, self.scheduler = build_optimizer(cfg.optimizer, model, cfg.steps)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -338,19 +406,24 @@ class Loop:
         """The checkpoint's content: the state of every resumable object."""
         return {name: part.state_dict() for name, part in self.resumable.items()}
 
-    def restore(self, state: dict) -> None:
-        """Load a checkpoint's :meth:`state` back (as loaded, onto the CPU)."""
-        for name, part in self.resumable.items():
-            part.load_state_dict(state[name])
+    def restore(self, state: dict, path: Path) -> None:
+        """Load a checkpoint's :meth:`state` back (as loaded from ``path``, onto the CPU); one
+        that does not hold this loop's state raises :class:`CheckpointError`."""
+        try:
+            for name, part in self.resumable.items():
+                part.load_state_dict(state[name])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            raise CheckpointError(path, f"does not hold this run's state ({reason})") from None
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.signal = signum  # acted on at the end of the step (after an evaluation in flight)
 
-    def run(self, checkpoint: dict | None) -> tuple[str, dict[str, torch.Tensor], int, float]:
-        """Returns the status, final metrics, steps done and steps per second of this call's steps
-        (set-up, evaluation and saving left out; 0 when interrupted)."""
-        if checkpoint is not None:
-            self.restore(checkpoint)
+    def run(self, record: RunRecord) -> tuple[str, dict[str, torch.Tensor], int, float]:
+        """The remaining steps, logged to ``record`` (restore a checkpoint first). Returns the
+        status, final metrics, steps done and steps per second of this call's steps (set-up,
+        evaluation and saving left out; 0 when interrupted)."""
+        self.record = record
         self.record.write("running", learning_rates=self.learning_rates)
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
