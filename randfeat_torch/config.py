@@ -16,10 +16,21 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, ListConfig
 
 
-def _choices(name: str, values: str) -> type[enum.StrEnum]:
-    """A closed set of string values for a config field: OmegaConf refuses any other while
-    composing, listing these (each member's name is its value, so it reads as a plain str)."""
-    return enum.StrEnum(name, [(v, v) for v in values.split()], module=__name__)
+class Choice(str, enum.Enum):
+    """One of a closed set of string values of a config field: OmegaConf refuses any other
+    while composing, listing these. A member is a str equal to its name (enum.StrEnum is
+    Python 3.11+), printed and formatted as that string."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+def _choices(name: str, values: str) -> type[Choice]:
+    """The :class:`Choice` named ``name`` of the space-separated ``values``."""
+    return Choice(name, [(v, v) for v in values.split()], module=__name__)
 
 
 Regime = _choices("Regime", "trainable frozen linearized")  # the model group's options
