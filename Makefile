@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: help setup train test lint format tensorboard aggregate bench gpu-wheels clean
+.PHONY: help setup train test lint format tensorboard aggregate bench gpu-wheels slurm-up slurm-down clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -52,6 +52,12 @@ gpu-wheels: $(STAMP)  ## wheels of what GPU images lack (Hydra, OmegaConf) into 
 
 tensorboard: $(STAMP)  ## open TensorBoard on every run under outputs/
 	$(VENV)/bin/tensorboard --logdir outputs
+
+slurm-up:  ## a one-node Slurm cluster on this machine, for tests and trials (root; docs/cluster.md)
+	bash scripts/slurm_local.sh start
+
+slurm-down:  ## stop the cluster of make slurm-up (its jobs first)
+	bash scripts/slurm_local.sh stop
 
 clean:  ## remove the virtual environment and caches (outputs/ is kept)
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
