@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)" \
 		|| $(PY) -m pip install $(TORCH_PIP_ARGS) torch
-	$(PY) -m pip install -e ".[dev,joblib,slurm,optuna]"
+	$(PY) -m pip install -e ".[dev,joblib,slurm,optuna,compare]"
 	touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv and install the project (once)

@@ -318,18 +318,47 @@ def _exact_rf_points(ax: plt.Axes, frame: pd.DataFrame, x: str, color: str) -> N
         ax.plot(exact.index, exact.values, "x", color=color, ms=8, label="exact RF")
 
 
+# The width -> infinity limit drawn in each panel of plot_error_vs_width (model=kernel runs):
+# random features tend to the RF kernel, the NT model (and the lazy net) to the tangent kernel.
+KERNEL_LIMITS = {"frozen": "rf", "linearized": "ntk", "trainable": "ntk"}
+KERNEL_STYLES = {"rf": "--", "ntk": "-."}
+
+
+def split_kernels(ok: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the runs of finite models, the model=kernel runs): a kernel does not read the width."""
+    kernel = ok["model"].astype(str) == "kernel" if "model" in ok else pd.Series(False, ok.index)
+    return ok[~kernel], ok[kernel]
+
+
+def _kernel_lines(ax: plt.Axes, kernels: pd.DataFrame, models: set, d: int, color: str) -> None:
+    """The mean test error of the kernel fits at this d that the panel's models tend to, as
+    horizontal lines (RF kernel dashed, tangent kernel dash-dotted)."""
+    if "model.kernel" not in kernels:  # no kernel runs in this sweep
+        return
+    for kind in sorted({KERNEL_LIMITS[m] for m in models if m in KERNEL_LIMITS}):
+        runs = kernels[(kernels["d"] == d) & (kernels["model.kernel"].astype(str) == kind)]
+        if not runs.empty:
+            value = runs["test_error"].mean()
+            label = f"{kind} kernel, d={d}"
+            ax.axhline(value, color=color, ls=KERNEL_STYLES[kind], lw=0.9, label=label)
+
+
 def plot_error_vs_width(ok: pd.DataFrame) -> plt.Figure | None:
     """Normalised test error vs width (log-log): a panel per method, a line per d, the band
-    over seeds and replicas, theory overlays (best linear / quadratic lines, exact RF points)."""
+    over seeds and replicas, theory overlays (best linear / quadratic lines, exact RF points),
+    and the kernel each method tends to as width -> infinity where the sweep fitted it."""
+    ok, kernels = split_kernels(ok)
     if ok["width"].nunique() < 2:
         return None
     labels = sorted(ok["label"].unique())
     fig, axes = _panels(len(labels), "test error vs width")
     for ax, label in zip(axes, labels, strict=True):
         frame = ok[ok["label"] == label]
+        models = set(frame["model"].astype(str))
         for i, (d, by_d) in enumerate(frame.groupby("d")):
             _line_with_band(ax, by_d, "width", f"C{i}", f"d={d}")
             _exact_rf_points(ax, by_d, "width", f"C{i}")
+            _kernel_lines(ax, kernels, models, d, f"C{i}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         _plain_ticks(ax, sorted(frame["width"].unique()))
@@ -363,9 +392,10 @@ def plot_error_vs_d(ok: pd.DataFrame) -> plt.Figure | None:
 
 
 def width_needed(ok: pd.DataFrame, eps: float) -> pd.DataFrame:
-    """Per method and d, the width at which the mean error reaches eps (NaN if never)."""
+    """Per method and d, the width at which the mean error reaches eps (NaN if never); the
+    kernels, which have no width, are left out."""
     rows = []
-    for (label, d), frame in ok.groupby(["label", "d"]):
+    for (label, d), frame in split_kernels(ok)[0].groupby(["label", "d"]):
         s = _stats(frame, ["width"])
         reached = width_to_reach(s["width"].to_numpy(float), s["mean"].to_numpy(float), eps)
         rows.append({"label": label, "d": d, "width_needed": reached})

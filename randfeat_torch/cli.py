@@ -6,21 +6,23 @@ A bad config value exits with status 2 and one sentence on stderr, before any wo
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 import torch
+from hydra._internal.utils import get_args_parser
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from randfeat_torch.config import OutputError, UserError, validate
+from randfeat_torch.config import ConfigError, OutputError, UserError, validate
 from randfeat_torch.device import check_machine
 from randfeat_torch.paths import CONFIG_DIR, SWEEP_DIR_VARIABLE, register_resolvers
 from randfeat_torch.record import RECORD_NAME, finished_error, read_record
@@ -28,7 +30,6 @@ from randfeat_torch.sweeps import (
     BASIC_SWEEPER,
     check_jobs,
     compose_job,
-    is_hydra_override,
     one_sentence,
     search_jobs,
     sweep_jobs,
@@ -53,22 +54,42 @@ def group_choices(choices: Mapping[str, Any]) -> dict[str, str]:
     return {k: v for k, v in choices.items() if v and "/" not in k and "@" not in k}
 
 
+def command_line(argv: list[str]) -> argparse.Namespace:
+    """``argv`` read by Hydra's own parser of its command line; what it refuses raises
+    :class:`UserError` with argparse's sentence (not its usage text)."""
+    parser = get_args_parser()
+
+    def refuse(message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments"):
+            message += " (the flags, such as -m, go before or after all the overrides)"
+        raise UserError(f"invalid command line: {message}")
+
+    parser.error = refuse  # type: ignore[method-assign]
+    return parser.parse_args(argv)
+
+
 def precheck(argv: list[str]) -> None:
     """Check a command line before Hydra creates anything. A multirun: every job its sweeper
     will launch (:func:`randfeat_torch.sweeps.sweep_jobs`; for a sweeper that picks its own
     jobs, each value of its search space), values only, as the machine that runs a job checks
     the machine in the job. A single run: its values, and this machine, which runs it. A bad
-    value, type, key, option or override: one sentence on stderr and exit status 2."""
-    if any(a.startswith(("-c", "--cfg", "-h", "--help", "--info", "-i", "--shell")) for a in argv):
-        return
-    overrides = [a for a in argv if not a.startswith("-")]
-    multirun = any(a in ("-m", "--multirun") for a in argv)
+    flag, value, type, key, option or override (Hydra's own included): one sentence on stderr
+    and exit status 2. ``--cfg`` and ``--info`` have their overrides composed, not checked;
+    ``--config-path`` and ``--config-dir`` bring configs that only Hydra composes."""
     try:
-        if not multirun:
-            cfg = load_config([o for o in overrides if not is_hydra_override(o)])
-            check_machine(cfg)
+        args = command_line(argv)
+        if args.help or args.hydra_help or args.shell_completion or args.experimental_rerun:
             return
-        if sweeper_of(overrides) == BASIC_SWEEPER:
+        if args.config_path or args.config_dir:
+            return
+        if (args.config_name or "train").removesuffix(".yaml") != "train":
+            raise ConfigError("--config-name", args.config_name, "allowed: train")
+        overrides, multirun = args.overrides, args.multirun
+        if args.cfg or args.info:
+            sweeper_of(overrides)  # composes the config it shows
+        elif not multirun:
+            check_machine(load_config(overrides))
+        elif sweeper_of(overrides) == BASIC_SWEEPER:
             check_jobs(sweep_jobs(overrides))
         else:
             check_jobs(search_jobs(overrides))
@@ -106,16 +127,23 @@ class CheckRunDir(Callback):
 
 
 class FixSweepDir(Callback):
-    """Fixes the sweep folder, derived from the sweep's overrides, for all of its jobs."""
+    """Fixes the sweep folder, derived from the sweep's overrides, for all of its jobs, and
+    refuses one that cannot be written before Hydra creates it."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         os.environ.pop(SWEEP_DIR_VARIABLE, None)
         os.environ[SWEEP_DIR_VARIABLE] = str(config.hydra.sweep.dir)
+        try:
+            check_writable(Path(config.hydra.sweep.dir))
+        except UserError as error:
+            print(error, file=sys.stderr)
+            sys.exit(2)
 
 
 def check_writable(run_dir: Path) -> None:
     """Refuse an output dir that cannot be created or written, before any work (creating it
-    is what Hydra does next anyway)."""
+    is what Hydra does next anyway), and then remove the folders made on the way."""
+    missing = [p for p in (run_dir, *run_dir.parents) if not os.path.exists(p)]
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         ok = os.access(run_dir, os.W_OK | os.X_OK)
@@ -123,6 +151,9 @@ def check_writable(run_dir: Path) -> None:
     except OSError as error:
         ok, reason = False, f"cannot be created ({error.strerror})"
     if not ok:
+        for folder in missing:  # leave nothing behind: the folders made here, deepest first
+            if os.path.isdir(folder):
+                folder.rmdir()
         raise OutputError(run_dir, reason)
 
 

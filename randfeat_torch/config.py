@@ -33,7 +33,8 @@ def _choices(name: str, values: str) -> type[Choice]:
     return Choice(name, [(v, v) for v in values.split()], module=__name__)
 
 
-Regime = _choices("Regime", "trainable frozen linearized")  # the model group's options
+Regime = _choices("Regime", "trainable frozen linearized kernel")  # the model group's options
+Kernel = _choices("Kernel", "rf ntk")  # model=kernel: the limit of random features or of NT
 Activation = _choices("Activation", "relu gelu tanh softplus quadratic")
 Parameterization = _choices("Parameterization", "standard ntk mean_field")
 FirstLayerInit = _choices("FirstLayerInit", "gaussian sphere")
@@ -165,6 +166,15 @@ class ModelConfig:
 
 
 @dataclass
+class KernelModelConfig(ModelConfig):
+    """model=kernel: kernel ridge with the kernel the net's features average to over its random
+    first layer (width -> infinity), of random features (rf) or of the NT model (ntk)."""
+
+    name: Regime = Regime.kernel
+    kernel: Kernel = Kernel.rf
+
+
+@dataclass
 class OptimizerConfig:
     """Fields every optimizer has: the learning rate and its schedule."""
 
@@ -227,7 +237,8 @@ class TrainConfig:
     n_train: int | None = None
     n_test: int = 10_000
     eval_every: int = 200
-    checkpoint_every: int | None = None
+    checkpoint_every: int | None = None  # steps; None: by checkpoint_every_s
+    checkpoint_every_s: float | None = 60.0  # seconds; None: only on SIGTERM / SIGINT
     resume: bool = True
     loss: Loss = Loss.mse
     steps_to_error: list[float] = field(default_factory=lambda: [0.5, 0.1, 0.01])
@@ -258,6 +269,7 @@ def register_configs() -> None:
         ("input", "input", InputConfig),
         ("optimizer", "ridge", RidgeConfig),
         ("model", "two_layer", ModelConfig),
+        ("model", "kernel", KernelModelConfig),
         ("optimizer", "sgd", SGDConfig),
         ("optimizer", "adam", AdamConfig),
     ):
@@ -294,6 +306,8 @@ def _get(cfg: DictConfig, key: str) -> Any:
 def validate(cfg: DictConfig) -> None:
     """Check values and combinations; raise :class:`ConfigError` on the first bad one."""
     ridge = cfg.optimizer.name == "ridge"
+    if cfg.model.name == "kernel":
+        _validate_kernel(cfg)
     for key in ("d", "width", "replicas", "steps", "batch_size", "eval_every"):
         _int_at_least(cfg, key, 1)
     _int_at_least(cfg, "n_test", 2, " so that the test targets have a variance")
@@ -310,6 +324,8 @@ def validate(cfg: DictConfig) -> None:
             )
     if cfg.checkpoint_every is not None:
         _int_at_least(cfg, "checkpoint_every", 1)
+    if cfg.checkpoint_every_s is not None:
+        _positive(cfg, "checkpoint_every_s")
     for i in range(len(cfg.steps_to_error)):
         _positive(cfg, f"steps_to_error.{i}")
     _int_at_least(cfg, "lazy_probe", 0, " (0: no laziness measures)")
@@ -344,18 +360,54 @@ def _validate_target(cfg: DictConfig) -> None:
         if target.k > cfg.d:
             raise ConfigError("target.k", target.k, f"must be <= d={cfg.d}")
     if target.name == "polynomial":
-        _int_at_least(cfg, "target.degree", 1, ": a degree-0 polynomial is constant")
-        _int_at_least(cfg, "target.terms", 1)
-        from randfeat_torch.targets import count_monomials  # targets imports this module
+        _validate_polynomial(cfg)
 
-        available = count_monomials(cfg.d, target.degree, target.include_lower)
-        if target.terms > available:
-            raise ConfigError(
-                "target.terms",
-                target.terms,
-                f"must be <= {available}, the number of distinct monomials of degree "
-                f"{'1..' if target.include_lower else ''}{target.degree} in d={cfg.d}",
-            )
+
+# The polynomial target's unit variance must be visible in the test set: n points estimate
+# E f^2 with a relative standard error sqrt((E f^4 - 1) / n), and E f^4 >= E m^4 >= 3^k for the
+# monomials m of degree k. Measured at d=32, n_test=10^4 (20 test sets): the mean of f^2 is
+# 0.94-1.11 at degree 4, 0.86-1.29 at 6, median 0.85 at 8, 0.48 at 15, 2e-6 at 60.
+POLYNOMIAL_VARIANCE_ERROR = 0.5  # the largest relative error allowed
+POLYNOMIAL_MAX_TERMS = 10**6  # drawn term by term on the host: ~20 s per million terms
+
+
+def _validate_polynomial(cfg: DictConfig) -> None:
+    from randfeat_torch.targets import (  # targets imports this module
+        count_monomials,
+        lightest_monomial_fourth_moment,
+    )
+
+    target = cfg.target
+    _int_at_least(cfg, "target.degree", 1, ": a degree-0 polynomial is constant")
+    _int_at_least(cfg, "target.terms", 1)
+    seen = POLYNOMIAL_VARIANCE_ERROR**2 * cfg.n_test
+    top = 1
+    while lightest_monomial_fourth_moment(cfg.d, top + 1) - 1 <= seen:
+        top += 1
+    if target.degree > top:
+        raise ConfigError(
+            "target.degree",
+            target.degree,
+            f"must be in 1..{top} for d={cfg.d} and n_test={cfg.n_test}: n test points measure "
+            "the unit variance of a degree-k polynomial only to a relative error of about "
+            "sqrt((E m^4 - 1) / n), E m^4 >= 3^k the fourth moment of its monomials, which "
+            f"passes {POLYNOMIAL_VARIANCE_ERROR} past degree {top}; a larger n_test allows more",
+        )
+    available = count_monomials(cfg.d, target.degree, target.include_lower)
+    if target.terms > available:
+        raise ConfigError(
+            "target.terms",
+            target.terms,
+            f"must be <= {available}, the number of distinct monomials of degree "
+            f"{'1..' if target.include_lower else ''}{target.degree} in d={cfg.d}",
+        )
+    if target.terms > POLYNOMIAL_MAX_TERMS:
+        raise ConfigError(
+            "target.terms",
+            target.terms,
+            f"must be <= {POLYNOMIAL_MAX_TERMS}: the polynomial is drawn term by term on the "
+            "host (about 20 s per million terms) and each label costs terms x degree products",
+        )
 
 
 def _validate_model(cfg: DictConfig) -> None:
@@ -368,6 +420,58 @@ def _validate_model(cfg: DictConfig) -> None:
                 "needs model=trainable or model=frozen: the linearized model is its own "
                 "linearization at every scale; leave it null",
             )
+
+
+# The closed forms of randfeat_torch.kernels: activations, and the inits without a hidden bias.
+KERNEL_ACTIVATIONS = ("relu", "quadratic")
+KERNEL_NTK_PARAMETERIZATIONS = ("ntk", "mean_field")  # a0 ~ N(0, 1): E a0^2 = 1
+
+
+def _validate_kernel(cfg: DictConfig) -> None:
+    """model=kernel: a closed-form kernel (randfeat_torch.kernels), fitted by ridge on samples."""
+    model = cfg.model
+    if cfg.optimizer.name != "ridge":
+        raise ConfigError(
+            "optimizer",
+            cfg.optimizer.name,
+            "model=kernel is fitted in closed form: use optimizer=ridge (fit=rf_kernel or "
+            "fit=nt_kernel)",
+        )
+    if cfg.optimizer.population:
+        raise ConfigError(
+            "optimizer.population",
+            True,
+            "model=kernel fits kernel ridge on n_train samples; allowed: false",
+        )
+    if model.activation not in KERNEL_ACTIVATIONS:
+        raise ConfigError(
+            "model.activation",
+            model.activation,
+            "model=kernel needs a closed-form kernel; allowed: " + ", ".join(KERNEL_ACTIVATIONS),
+        )
+    if model.init == "sphere" and model.bias:
+        raise ConfigError(
+            "model.bias",
+            True,
+            "model=kernel with model.init=sphere: <w, x> + b is not Gaussian for w uniform on "
+            "the sphere, and its kernel has no closed form here; allowed: model.bias=false, or "
+            "model.init=gaussian",
+        )
+    if model.kernel == "ntk" and model.parameterization not in KERNEL_NTK_PARAMETERIZATIONS:
+        raise ConfigError(
+            "model.parameterization",
+            model.parameterization,
+            "model.kernel=ntk: under standard, a0 ~ N(0, 1/width) leaves the first layer's part "
+            "of the tangent kernel 1/width of the rest, so the limit is model.kernel=rf; "
+            "allowed: " + ", ".join(KERNEL_NTK_PARAMETERIZATIONS),
+        )
+    if model.kernel == "ntk" and model.output_init != "gaussian":
+        raise ConfigError(
+            "model.output_init",
+            model.output_init,
+            "model.kernel=ntk: with a0 = 0 the tangent features of the first layer vanish and "
+            "the kernel is model.kernel=rf; allowed: gaussian",
+        )
 
 
 def _validate_optimizer(cfg: DictConfig) -> None:

@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig
 
 from randfeat_torch.config import ConfigError, DataError
+from randfeat_torch.kernels import KernelModel
 from randfeat_torch.models import LinearizedNet, TwoLayerNet
 from randfeat_torch.targets import Target, make_generator, replica_seed, sample_inputs
 from randfeat_torch.theory import exact_variance
@@ -20,7 +21,7 @@ from randfeat_torch.theory import exact_variance
 TEST_STREAM, TRAIN_STREAM = 2, 3
 EVAL_ELEMENTS = 2**24  # hidden activations held at once while evaluating
 
-Model = TwoLayerNet | LinearizedNet
+Model = TwoLayerNet | LinearizedNet | KernelModel
 
 
 class Data:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from randfeat_torch.kernels import KernelModel, kernel_spec
 from randfeat_torch.targets import make_generator, replica_seed
 
 ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -293,9 +294,13 @@ class LinearizedNet(nn.Module):
             self.c.copy_(c)
 
 
-def build_model(cfg: DictConfig, seed: int, device: torch.device) -> TwoLayerNet | LinearizedNet:
-    """The model of the ``model`` config group: the net (trainable or frozen) or its
-    linearization at init."""
+def build_model(
+    cfg: DictConfig, seed: int, device: torch.device
+) -> TwoLayerNet | LinearizedNet | KernelModel:
+    """The model of the ``model`` config group: the net (trainable or frozen), its
+    linearization at init, or the kernel of their width-infinity limit (``kernel``)."""
+    if cfg.name == "kernel":
+        return KernelModel(kernel_spec(cfg), cfg.replicas, device)
     net = TwoLayerNet(
         d=cfg.d,
         width=cfg.width,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import datetime
 import hashlib
+import math
 import operator
 import os
 from pathlib import Path
@@ -25,9 +26,25 @@ from omegaconf import OmegaConf
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
+# calc's numbers stay within a float's range, so that no expression takes long or much memory.
+CALC_LIMIT = 2**1024
+
+
 def calc(expression: str) -> int | float:
     """Arithmetic for configs, e.g. ``a: ${calc:6*${d}**2+1}``: numbers, + - * / // % ** and
-    parentheses only (nothing is executed). A whole-number result is an int (a width, say)."""
+    parentheses only (nothing is executed). A whole-number result is an int (a width, say).
+    Every number on the way stays below 2**1024 (about 1.8e308) in magnitude, or ValueError."""
+    shown = str(expression) if len(str(expression)) <= 80 else f"{str(expression)[:60]}..."
+    too_large = ValueError(f"calc: {shown} is too large: its numbers must stay below 1.8e308")
+    not_arithmetic = ValueError(
+        f"calc: {shown} is not plain arithmetic: numbers, + - * / // % ** and parentheses"
+    )
+
+    def power(base: int | float, exponent: int | float) -> int | float:
+        if base != 0 and abs(base) != 1 and exponent * math.log2(abs(base)) >= 1024:
+            raise too_large  # before computing it: 9**9**9 alone would take a gigabyte
+        return base**exponent
+
     operators = {
         ast.Add: operator.add,
         ast.Sub: operator.sub,
@@ -35,24 +52,37 @@ def calc(expression: str) -> int | float:
         ast.Div: operator.truediv,
         ast.FloorDiv: operator.floordiv,
         ast.Mod: operator.mod,
-        ast.Pow: operator.pow,
+        ast.Pow: power,
         ast.USub: operator.neg,
         ast.UAdd: operator.pos,
     }
 
+    def checked(value: Any) -> int | float:
+        if isinstance(value, complex):
+            raise ValueError(f"calc: {shown} is not a real number")
+        if not (isinstance(value, int) or math.isfinite(value)) or abs(value) >= CALC_LIMIT:
+            raise too_large
+        return value
+
     def evaluate(node: ast.AST) -> int | float:
         if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return node.value
+            return checked(node.value)
         if isinstance(node, ast.BinOp) and type(node.op) in operators:
             left, right = evaluate(node.left), evaluate(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) > 64:
-                raise ValueError(f"calc: exponent {right} in {expression!r} is too large")
-            return operators[type(node.op)](left, right)
+            try:
+                return checked(operators[type(node.op)](left, right))
+            except ZeroDivisionError:
+                raise ValueError(f"calc: {shown} divides by zero") from None
+            except OverflowError:
+                raise too_large from None
         if isinstance(node, ast.UnaryOp) and type(node.op) in operators:
             return operators[type(node.op)](evaluate(node.operand))
-        raise ValueError(f"calc: {expression!r} is not plain arithmetic")
+        raise not_arithmetic
 
-    value = evaluate(ast.parse(str(expression), mode="eval").body)
+    try:
+        value = evaluate(ast.parse(str(expression), mode="eval").body)
+    except (SyntaxError, RecursionError, MemoryError):
+        raise not_arithmetic from None
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
@@ -76,15 +106,16 @@ def sweep_name(overrides: list[str]) -> str:
 
 def folder_name(overrides: Any, resume: bool = True) -> str:
     """A folder name derived from overrides (``default`` without any), safe for the file
-    system, hashed past 120 characters: a job's sorted ``override_dirname``, or a sweep's
+    system, hashed past 120 bytes: a job's sorted ``override_dirname``, or a sweep's
     command line (``hydra.overrides.task``, a list: named by :func:`sweep_name`). A rerun
     finds its folder; with ``resume=false`` a timestamp is appended, so that a fresh start
     never writes over an earlier run."""
     if not isinstance(overrides, str):
         overrides = sweep_name(overrides)
     name = "".join(c if c.isalnum() or c in "=,.-_+[]" else "_" for c in overrides) or "default"
-    if len(name) > 120:
-        name = f"{name[:100]}_{hashlib.sha1(name.encode()).hexdigest()[:10]}"
+    if len(name.encode()) > 120:  # bytes, the file system's measure (255 at most)
+        short = name.encode()[:100].decode(errors="ignore")
+        name = f"{short}_{hashlib.sha1(name.encode()).hexdigest()[:10]}"
     if not resume:
         name += datetime.datetime.now().strftime("_%Y-%m-%d_%H-%M-%S")
     return name

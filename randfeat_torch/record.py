@@ -7,6 +7,7 @@ only; the TensorBoard file is for looking at curves.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import math
 import os
@@ -30,7 +31,14 @@ LOCK_NAME = ".lock"
 TMP_SUFFIX = ".tmp"  # atomic writes in flight: .metrics.json.XXXX.tmp, .checkpoint.pt.XXXX.tmp
 CHECKPOINT_VERSION = 2  # 2: the loop's resumable objects by name (trainer.Loop.resumable)
 # Keys that do not change what a run computes: a checkpoint stays valid across them.
-NOT_IN_FINGERPRINT = ("progress", "aggregate", "checkpoint_every", "resume", "threads")
+NOT_IN_FINGERPRINT = (
+    "progress",
+    "aggregate",
+    "checkpoint_every",
+    "checkpoint_every_s",
+    "resume",
+    "threads",
+)
 LAZINESS = (  # randfeat_torch.diagnostics
     "w_movement",
     "b_movement",
@@ -88,26 +96,31 @@ def _umask() -> int:
 FILE_MODE = 0o666 & ~_umask()  # what open() would give: collaborators read the records
 
 
-def atomic_write(path: Path, write: Callable[[IO[Any]], None], binary: bool = False) -> None:
-    """Write ``path`` through a temporary file in the same folder, synced, then renamed over
-    it: a reader sees the old file or the new one, never half of one. The file gets the mode
-    that the umask gives any new file (a temporary file alone would be private)."""
+def atomic_write(
+    path: Path, write: Callable[[IO[Any]], None], binary: bool = False, durable: bool = True
+) -> None:
+    """Write ``path`` through a temporary file in the same folder, then renamed over it: a
+    reader sees the old file or the new one, never half of one. ``durable``: synced to the
+    disk before the rename (several milliseconds here), so that a crash of the machine, not
+    only of the process, keeps the new file whole. The file gets the mode that the umask gives
+    any new file (a temporary file alone would be private)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     os.fchmod(fd, FILE_MODE)
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as strict JSON to ``path`` atomically."""
-    atomic_write(path, lambda f: json.dump(data, f, indent=2, allow_nan=False))
+def atomic_write_json(path: Path, data: dict[str, Any], durable: bool = True) -> None:
+    """Write ``data`` as strict JSON to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: json.dump(data, f, indent=2, allow_nan=False), durable=durable)
 
 
 def read_record(run_dir: Path) -> dict[str, Any] | None:
@@ -181,8 +194,11 @@ def mark_failed(run_dir: Path, config: dict[str, Any], error: BaseException) -> 
     atomic_write_json(Path(run_dir) / RECORD_NAME, record)
 
 
+@functools.cache
 def git_state() -> dict[str, Any]:
-    """The commit of the checkout this package runs from, and whether it has local changes."""
+    """The commit of the checkout this package runs from, and whether it has local changes:
+    asked of git once per process (the code a process runs is the code it imported), so that
+    the jobs of a sweep do not each start two git processes. Callers get a copy."""
     here = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(
@@ -304,7 +320,7 @@ class RunRecord:
             "steps_done": 0,
             "device": None,
             "versions": {"python": platform.python_version(), "torch": torch.__version__},
-            "git": git_state(),
+            "git": dict(git_state()),
             "host": platform.node(),
             "resumed_from_step": resumed,
         }
@@ -379,14 +395,20 @@ class RunRecord:
                     self.writer.add_scalar(f"theory/{name}{suffix}", v, step)
         self.writer.flush()
 
-    def write(self, status: str, **fields: Any) -> None:
-        """Update the record with ``status`` and ``fields`` and write it atomically."""
-        self.record["status"] = status
+    def update(self, **fields: Any) -> None:
+        """Set ``fields`` in the record, to be written by the next :meth:`write`."""
         for key, value in fields.items():
             if key == "metrics" and value is not None:
                 value = {name: _per_replica(v) for name, v in value.items()}
             self.record[key] = value
-        atomic_write_json(self.path, self.record)
+
+    def write(self, status: str, **fields: Any) -> None:
+        """Update the record with ``status`` and ``fields`` and write it atomically; synced to
+        the disk unless it says ``running`` (a run that a crash of the machine stops has
+        nothing to keep from its running record but what its checkpoint keeps)."""
+        self.record["status"] = status
+        self.update(**fields)
+        atomic_write_json(self.path, self.record, durable=status != "running")
 
     def close(self, final: dict[str, torch.Tensor] | None, step: int) -> None:
         """Write the hparams entry (mean over replicas of the final metrics) and close."""

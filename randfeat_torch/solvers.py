@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from randfeat_torch.config import ConfigError, penalty_list
 from randfeat_torch.data import Data, Model, TestSet
 from randfeat_torch.device import Stopwatch
+from randfeat_torch.kernels import KernelModel, fit_kernel
 from randfeat_torch.models import TwoLayerNet, ridge_feature_count
 from randfeat_torch.record import RunRecord
 from randfeat_torch.ridge import (
@@ -86,6 +87,9 @@ class FactorCache:
     def keep_for(self, cfg: DictConfig) -> None:
         """Free the factor unless this job's features and penalty could be the same (called
         before a job's checks, whose memory check must not count a factor it will not use)."""
+        if cfg.optimizer.name != "ridge":  # uses no factor: free it, and skip the comparison
+            self.key = self.factor = self.features = None
+            return
         groups = [
             OmegaConf.to_container(cfg[k], resolve=True, enum_to_str=True)
             for k in ("model", "optimizer")
@@ -171,14 +175,22 @@ def fit_by_ridge(
     from the previous job, see :class:`FactorCache`, costs nothing here)."""
     clock = Stopwatch(data.device)
     fit_start = clock.mark()
-    moments = ridge_moments(cfg, model, data, exact)
     path, reused, penalties = None, False, penalty_list(cfg)
+    kernel = isinstance(model, KernelModel)  # the width-infinity limit, in the dual
+    moments = None if kernel else ridge_moments(cfg, model, data, exact)
+    if kernel:
+        fitted, kernel_record = fit_kernel(cfg, model, data)
     if penalties is not None:
-        lam = torch.stack([ridge_penalty(cfg, model, moments, p) for p in penalties], -1)
-        path = penalty_path(moments, lam)
+        if kernel:
+            path = fitted
+        else:
+            lam = torch.stack([ridge_penalty(cfg, model, moments, p) for p in penalties], -1)
+            path = penalty_path(moments, lam)
         gcv = path.gcv(cfg.n_train) if cfg.optimizer.penalty == "gcv" else None
         pick = torch.zeros(cfg.replicas, dtype=torch.long) if gcv is None else gcv.argmin(-1)
-        solution = path.fit(pick.to(lam.device))
+        solution = path.fit(pick.to(path.penalty.device))
+    elif kernel:
+        solution = fitted
     elif cfg.optimizer.width_path:
         penalty = ridge_penalty(cfg, model, moments, cfg.optimizer.penalty)
         try:
@@ -204,7 +216,7 @@ def fit_by_ridge(
         solution = path.fit()
     else:
         solution = solve_centred(moments, ridge_penalty(cfg, model, moments, cfg.optimizer.penalty))
-    model.load_ridge_solution(solution.beta.float(), solution.c.float())
+    model.load_ridge_solution(solution.beta, solution.c)  # in the model's dtype
     fit_time = clock.since(fit_start) + (exact.seconds if exact else 0.0)
     kind = "fit" if exact is None else "population"
     metrics = test_set.evaluate(model, solution.train_mse.float(), kind)
@@ -218,6 +230,8 @@ def fit_by_ridge(
             "factor_reused": reused,
         }
     }
+    if kernel:
+        fields["kernel"] = kernel_record
     if penalties is not None:
         fields["penalty_path"] = penalty_record(path, penalties, model, test_set, gcv, pick)
         record.log_penalty_path(fields["penalty_path"])

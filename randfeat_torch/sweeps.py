@@ -11,8 +11,12 @@ memory) are not made here: they run in the job, on the machine that runs it.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -53,6 +57,110 @@ def hydra_configs() -> Iterator[OverridesParser]:
         GlobalHydra.instance().clear()
 
 
+class OverrideError(ConfigError):
+    """An override that is not KEY=VALUE (``width``, ``~width``): the override as typed."""
+
+    def __init__(self, override: str, allowed: str) -> None:
+        super().__init__(override, "", allowed)
+        self.args = (f"invalid config: {override} ({allowed})",)
+
+
+def group_options(group: str) -> list[str]:
+    """The options of one of our config groups (its YAML files)."""
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def no_such_key(key: str, value: str, schema: Any) -> str:
+    """Why ``key`` (dotted, without ``+``) is refused: the nearest key of its ``schema`` (a
+    dataclass), or where new keys go."""
+    parent, _, leaf = key.rpartition(".")
+    names = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else []
+    nearest = difflib.get_close_matches(leaf, names, n=1)
+    if nearest:
+        return f"no such key; the nearest is {'.'.join(filter(None, [parent, nearest[0]]))}"
+    if key.startswith("hydra."):
+        return "no such key in Hydra's config, whose keys python train.py --cfg hydra shows"
+    return f"no such key; new variables go under vars, as +vars.{leaf}={value}"
+
+
+def grammar_error(overrides: list[str]) -> ConfigError | None:
+    """The first override that Hydra's override grammar cannot read on its own, as one
+    sentence naming its key and value (None where each can be read)."""
+    parser = OverridesParser.create()
+    for override in overrides:
+        key, eq, value = override.partition("=")
+        if not key.strip("+~ "):
+            return OverrideError(override, "no key: an override is KEY=VALUE")
+        if not eq and not key.startswith("~"):
+            return OverrideError(override, f"no value: write {key}=VALUE, or ~{key} to delete it")
+        try:
+            parser.parse_overrides([override])
+        except OverrideParseException as error:
+            lines = [
+                line
+                for line in str(error).splitlines()
+                if line.strip() and not line.startswith(("Error parsing override", "See http"))
+            ]
+            detail = re.sub(r" expecting .*", "", lines[0] if lines else str(error))
+            sweep = re.match(r"\w+ while evaluating '(.*?)': (.*)", detail)
+            if sweep:
+                return ConfigError(key, value, f"{sweep[1]} cannot be expanded: {sweep[2]}")
+            if detail.startswith("LexerNoViableAltException"):
+                detail = "a character it cannot read"
+            return ConfigError(
+                key,
+                value,
+                f"Hydra's override grammar cannot read the value: {detail}; quote a value that "
+                "holds spaces or any of = , ( ) [ ] { }",
+            )
+    return None
+
+
+def named_in(reason: str, overrides: list[str]) -> str | None:
+    """The last of ``overrides`` that ``reason`` quotes whole, else whose value it quotes, else
+    whose key it names."""
+    split = [(o, *o.partition("=")[::2]) for o in reversed(overrides)]
+    for override, _, value in split:
+        if f"'{override}'" in reason or ("INTERVAL_SWEEP" in reason and "interval(" in value):
+            return override
+    for override, _, value in split:
+        if value and f"'{value}'" in reason:
+            return override
+    for override, key, _ in split:
+        if re.search(rf"(?<![\w.]){re.escape(key.lstrip('+~'))}(?!\w|\.\w)", reason):
+            return override
+    return None
+
+
+def rephrase(reason: str, key: str, value: str) -> str:
+    """Hydra's and OmegaConf's reason, as the part of one sentence that says what is allowed."""
+    reason = re.sub(r"^\w+ raised while resolving interpolation: ", "", reason)
+    bare = key.lstrip("+~")
+    if reason.startswith("Invalid value '") and "expected one of [" in reason:
+        return "allowed: " + reason.partition("expected one of [")[2].rstrip("]")
+    if bare in GROUPS and not re.fullmatch(r"[\w.-]*", value):
+        return f"allowed: {', '.join(group_options(bare))}"
+    if reason.startswith("Could not append to config"):
+        return f"the key has a value already, so set it without the +: {bare}={value}"
+    if reason.startswith("Multiple values for"):
+        return f"the group is in the defaults list, so pick it without the +: {bare}={value}"
+    if reason.startswith("Could not delete from config"):
+        return f"there is no key {bare} to delete"
+    if reason.startswith("Ambiguous value for argument"):
+        return "a sweep needs -m"
+    if "BasicSweeper does not support sweep type" in reason:
+        return (
+            "the basic sweeper cannot sweep an interval: give a list or a range, or search it "
+            "with hydra/sweeper=optuna"
+        )
+    if reason.startswith("token recognition error at: '('"):
+        return (
+            f"{reason}; quote an expression with parentheses inside its resolver, as "
+            "${calc:'(1+${d})*2'}"
+        )
+    return reason
+
+
 @contextmanager
 def one_sentence(overrides: list[str]) -> Iterator[None]:
     """Hydra's and OmegaConf's errors about ``overrides`` as a :class:`ConfigError` whose one
@@ -64,38 +172,77 @@ def one_sentence(overrides: list[str]) -> Iterator[None]:
     except MissingConfigException as error:
         group, _, option = (error.missing_cfg_file or "?/?").rpartition("/")
         raise ConfigError(group, option, f"allowed: {', '.join(error.options or [])}") from None
-    except (ConfigCompositionException, OmegaConfBaseException) as error:
+    except OverrideParseException:
+        raise (
+            grammar_error(overrides)
+            or ConfigError("override", " ".join(overrides), "is not KEY=VALUE")
+        ) from None
+    except (ConfigCompositionException, OmegaConfBaseException, HydraException) as error:
         cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else error
-        key = getattr(cause, "full_key", None) or "config"
-        value = next(  # the last override of the key is the one Hydra applied
-            (
-                o.partition("=")[2]
-                for o in reversed(overrides)
-                if o.lstrip("+~").startswith(f"{key}=")
-            ),
-            "?",
-        )
         reason = str(getattr(cause, "msg", None) or cause).splitlines()[0]
-        if reason.startswith("Invalid value '") and "expected one of [" in reason:
-            reason = "allowed: " + reason.partition("expected one of [")[2].rstrip("]")
-        raise ConfigError(key, value, reason) from None
-    except (OverrideParseException, ValueError, TypeError):  # "=3", "model=[1,2]"
+        key = getattr(cause, "full_key", None)
+        if reason.startswith("Key '") and getattr(cause, "object_type", None) is not None:
+            value = next(
+                (o.partition("=")[2] for o in reversed(overrides) if o.startswith(f"{key}=")), "?"
+            )
+            raise ConfigError(key, value, no_such_key(key, value, cause.object_type)) from None
+        # the last override of the key is the one Hydra applied
+        line = next(
+            (o for o in reversed(overrides) if key and o.lstrip("+~").startswith(f"{key}=")),
+            None,
+        ) or named_in(reason, overrides)
+        key, eq, value = line.partition("=") if line else (key or "config", "=", "?")
+        if not eq:
+            raise OverrideError(key, rephrase(reason, key, value)) from None
+        raise ConfigError(key, value, rephrase(reason, key, value)) from None
+    except (ValueError, TypeError):  # "=3", "model=[1,2]": not KEY=VALUE, or not an option
+        error = grammar_error(overrides)
+        if error:
+            raise error from None
         for override in overrides:
             key, _, value = override.partition("=")
             if key.lstrip("+~") in GROUPS and not value.replace("_", "").isalnum():
-                raise ConfigError(key, value, "must name one option of the group") from None
-        bad = next((o for o in overrides if "=" not in o or o.startswith("=")), " ".join(overrides))
-        raise ConfigError("override", bad, "is not Hydra's KEY=VALUE syntax") from None
-    except HydraException as error:  # e.g. a sweep type the basic sweeper cannot expand
-        reason = str(error).splitlines()[0]
-        raise ConfigError("override", " ".join(overrides), reason) from None
+                raise ConfigError(key, value, rephrase("", key, value)) from None
+        raise ConfigError("override", " ".join(overrides), "is not KEY=VALUE") from None
 
 
 def compose_job(overrides: list[str]) -> DictConfig:
     """train.yaml composed with one job's ``overrides``, as the job composes it (not validated);
     bad overrides raise :class:`ConfigError`."""
     with one_sentence(overrides), hydra_configs():
-        return compose("train", overrides)
+        cfg = compose("train", overrides)
+        if any(is_hydra_override(o) and o.startswith(("+", "~")) for o in overrides):
+            check_keys(compose("train", overrides, return_hydra_config=True), overrides)
+    check_keys(cfg, overrides)
+    return cfg
+
+
+def check_keys(cfg: DictConfig, overrides: list[str]) -> None:
+    """Refuse an override that adds a key no schema has (``+model.widht=5``, a typo that would
+    run the default) or deletes one the schema has (``~width``). Free dicts (``vars``, Hydra's
+    ``env_set``) take any key; Hydra's keys are checked where ``cfg`` holds them."""
+    for o in OverridesParser.create().parse_overrides(list(overrides)):
+        key = o.key_or_group
+        if not (o.is_add() or o.is_force_add() or o.is_delete()) or o.package is not None:
+            continue
+        if "/" in key or key in GROUPS or (key.startswith("hydra.") and "hydra" not in cfg):
+            continue  # a config group (+experiment=, ~hydra/launcher), or Hydra's not composed
+        typed, _, value = o.input_line.partition("=")
+        parts = key.split(".")
+        start = 1 if parts[0] == "hydra" else 0  # Hydra's own node, beside the schema's keys
+        node: Any = cfg.hydra if start else cfg
+        for i in range(start, len(parts)):
+            schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+            if not dataclasses.is_dataclass(schema):
+                break  # a free dict (vars) or a list: any key
+            if parts[i] not in {f.name for f in dataclasses.fields(schema)}:
+                if o.is_delete():
+                    break  # Hydra refuses to delete a key that is not there
+                where = ".".join(parts[: i + 1])
+                raise ConfigError(typed, value, no_such_key(where, value, schema))
+            if i == len(parts) - 1 and o.is_delete():
+                raise OverrideError(o.input_line, f"the schema needs {key}: set it, as {key}=VALUE")
+            node = node.get(parts[i])
 
 
 def sweep_jobs(overrides: list[str]) -> list[list[str]]:
@@ -113,7 +260,18 @@ def expand(
     """The basic sweeper's jobs for its ``params`` and the command line's ``task`` overrides
     (``parser``: one that knows the config groups, for ``glob``; else a plain one)."""
     parser = parser or OverridesParser.create()
-    batches = BasicSweeper.split_arguments(parser.parse_overrides([*params, *task]), None)
+    overrides = parser.parse_overrides([*params, *task])
+    for o in overrides:
+        if (
+            o.is_sweep_override()
+            and not o.is_interval_sweep()
+            and not list(o.sweep_string_iterator())
+        ):
+            key = o.get_key_element()
+            why = f"matches no option; allowed: {', '.join(group_options(key))}"
+            value = o.input_line.partition("=")[2]
+            raise ConfigError(key, value, why if key in GROUPS else "gives no values")
+    batches = BasicSweeper.split_arguments(overrides, None)
     return [job for batch in batches for job in batch]
 
 
@@ -150,7 +308,9 @@ def primary_config(parser: OverridesParser, overrides: list[str]) -> DictConfig:
     """The config a multirun starts from, Hydra's included: composed without the sweep
     overrides, as Hydra composes it before its sweeper expands them."""
     fixed = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
-    return compose("train", fixed, return_hydra_config=True)
+    cfg = compose("train", fixed, return_hydra_config=True)
+    check_keys(cfg, fixed)
+    return cfg
 
 
 def sweeper_params(parser: OverridesParser, overrides: list[str]) -> list[str]:

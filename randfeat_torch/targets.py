@@ -7,6 +7,7 @@ models trained with different seeds face the same function.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterator
 from itertools import combinations_with_replacement
 
@@ -18,6 +19,21 @@ def count_monomials(d: int, degree: int, include_lower: bool) -> int:
     """Distinct monomials in d variables of degree exactly ``degree`` (or 1..degree)."""
     degrees = range(1, degree + 1) if include_lower else [degree]
     return sum(math.comb(d + k - 1, k) for k in degrees)
+
+
+def hermite_fourth_moment(k: int) -> int:
+    """E h_k(z)^4, z ~ N(0, 1), exactly: sum_i C(k, i)^2 C(2i, i) (3, 15, 93, 639, ...), from
+    He_k^2 = sum_j j! C(k, j)^2 He_{2k-2j}."""
+    return sum(math.comb(k, i) ** 2 * math.comb(2 * i, i) for i in range(k + 1))
+
+
+def lightest_monomial_fourth_moment(d: int, degree: int) -> int:
+    """The least E m^4 over the Hermite monomials m of this degree in d variables: 3^degree for
+    d >= degree, else with the powers spread as evenly as d allows (log E h_k^4 is convex in k);
+    E h_k^4 itself grows like ~8^k."""
+    spread = min(d, degree)
+    q, r = divmod(degree, spread)
+    return hermite_fourth_moment(q + 1) ** r * hermite_fourth_moment(q) ** (spread - r)
 
 
 def make_generator(device: torch.device, seed: int, stream: int) -> torch.Generator:
@@ -139,6 +155,15 @@ def hermite_orthonormal(x: torch.Tensor, degree: int) -> torch.Tensor:
     return torch.stack([h.clone() for h in hermite_terms(x, torch.ones_like(x), degree)])
 
 
+POLYNOMIAL_BLOCK = 2**24  # Hermite factors held at once while evaluating a polynomial
+HOST_BYTES_PER_TERM = 64  # a monomial's tuple on the host, and 36 bytes per coordinate in it
+
+
+def polynomial_block_terms(degree: int, rows: int) -> int:
+    """Terms of a polynomial evaluated at once on ``rows`` inputs."""
+    return max(1, POLYNOMIAL_BLOCK // (degree * rows))
+
+
 class HermitePolynomial(Target):
     """sum_t c_t prod_i h_{alpha_t,i}(x_i): ``terms`` distinct random monomials of the
     orthonormal Hermite basis, coefficients scaled so that the variance is exactly 1.
@@ -164,17 +189,20 @@ class HermitePolynomial(Target):
         gen = make_generator(torch.device("cpu"), seed, stream=0)
         chosen = self._draw_monomials(d, degree, terms, include_lower, available, gen)
         # Each monomial as `degree` (coordinate, power) pairs, padded with power 0 (h_0 = 1).
-        coords = torch.zeros(terms, degree, dtype=torch.long)
-        powers = torch.zeros(terms, degree, dtype=torch.long)
-        for t, monomial in enumerate(chosen):
-            for j, coord in enumerate(sorted(set(monomial))):
-                coords[t, j], powers[t, j] = coord, monomial.count(coord)
+        pairs = [sorted(Counter(monomial).items()) for monomial in chosen]
+        pad = [(0, 0)] * degree
+        table = torch.tensor([p + pad[len(p) :] for p in pairs], dtype=torch.long)
         coef = torch.randn(terms, generator=gen, dtype=torch.float64)
         coef = coef / coef.norm()
         self.d, self.degree = d, degree
         self.monomials = chosen
         self.coef = coef.to(device=device, dtype=torch.float32)
-        self.coords, self.powers = coords.to(device), powers.to(device)
+        # The coordinates that occur, and each pair's column among them: the Hermite values of
+        # the others are never formed.
+        used, columns = torch.unique(table[..., 0], return_inverse=True)
+        self.used, self.columns, self.powers = (
+            t.to(device) for t in (used, columns, table[..., 1])
+        )
         self.mean = 0.0
         self.variance = float((coef**2).sum())
 
@@ -205,16 +233,48 @@ class HermitePolynomial(Target):
         return list(chosen)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        h = hermite_orthonormal(x, self.degree)  # (degree + 1, n, d)
-        factors = h[self.powers, :, self.coords]  # (terms, degree, n)
-        return self.coef @ factors.prod(dim=1)
+        """x: (n, d) -> (n,), the terms in blocks of at most POLYNOMIAL_BLOCK factors."""
+        h = hermite_orthonormal(x[:, self.used], self.degree)  # (degree + 1, n, used)
+        step = polynomial_block_terms(self.degree, x.shape[0])
+        y = None
+        for start in range(0, len(self.coef), step):
+            block = slice(start, start + step)
+            factors = h[self.powers[block], :, self.columns[block]]  # (step, degree, n)
+            part = self.coef[block] @ factors.prod(dim=1)
+            y = part if y is None else y.add_(part)
+        return y
+
+
+def _float_at_least(a: int) -> float:
+    """The smallest float64 >= a (inf past the largest float): for float64 z, z >= a exactly
+    when z >= this."""
+    try:
+        edge = float(a)
+    except OverflowError:
+        return math.inf
+    return math.nextafter(edge, math.inf) if edge < a else edge
 
 
 def zigzag(z: torch.Tensor, a: int) -> torch.Tensor:
     """psi_a(z) = -1 + [z+a]_+ + sum_{i=1}^{a-1} 2 (-1)^i [z+a-2i]_+ - [z-a]_+ for odd a,
-    in closed form: a triangle wave of period 4 between -1 and 1 on [-a, a], flat outside."""
-    u = torch.remainder((z + a).clamp(0, 2 * a), 4)
-    return torch.where(u <= 2, u, 4 - u) - 1
+    in closed form: a triangle wave of period 4 between -1 and 1 on [-a, a], flat outside.
+
+    Inside, psi_a(z) = s tri(z): tri the odd triangle wave (tri(t) = t on [-1, 1]) and
+    s = (-1)^((a-1)/2), so nothing of the size of a is ever added to z (z + a in float32 lost
+    the wave: an error of 0.25 at a = 6 * 1024^2 + 1, a constant from a ~ 2^24). Every step is
+    exact in z's own precision: fmod(z, 4) is exact, and so are 2 - t on [1, 3] and t - 4 on
+    [3, 4] (Sterbenz), while the edge |z| >= a is decided in float64 against a rounded up. So
+    this is psi_a at the given z, exactly, for every odd a (a Python int of any size).
+    """
+    t = torch.fmod(z, 4)  # (-4, 4), the sign of z
+    r = t.abs()
+    wave = torch.where(r <= 1, r, torch.where(r <= 3, 2 - r, r - 4))  # tri(|t|)
+    wave.mul_(t.sign() if a % 4 == 1 else t.sign().neg_())  # tri is odd
+    flat = z.abs().double() >= _float_at_least(a)
+    return torch.where(flat, torch.sign(z), wave)
+
+
+ZIGZAG_BLOCK = 2**22  # float64 input elements at once in the zigzag's inner product
 
 
 class Zigzag(Target):
@@ -224,11 +284,22 @@ class Zigzag(Target):
 
     def __init__(self, d: int, norm: float, a: int, seed: int, device: torch.device) -> None:
         self.w = random_direction(d, seed, device) * norm
+        self.w64 = self.w.double()
         self.d, self.norm, self.a = d, float(norm), int(a)
-        self.mean = self.variance = None  # quadrature in the theory module
+        self.mean = self.variance = None  # exact, in the theory module
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return zigzag(x @ self.w, self.a)
+        """psi_a(<w*, x>), rounded once to x's dtype: the inner product is taken in float64, in
+        blocks of rows. In float32 its rounding (|w*| = d: up to 1e-2 at d = 4000, 0.6 at
+        d = 65536) would move z along a wave of period 4; in float64 the labels stay within
+        6e-8 |y| of psi_a at the exact <w*, x> to d = 16384 (2e-7 at d = 262144)."""
+        rows = max(1, min(x.shape[0], ZIGZAG_BLOCK // self.d))
+        z = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+        block = torch.empty(rows, self.d, dtype=torch.float64, device=x.device)  # one, reused
+        for start in range(0, x.shape[0], rows):
+            part = x[start : start + rows]
+            torch.mv(block[: len(part)].copy_(part), self.w64, out=z[start : start + len(part)])
+        return zigzag(z, self.a).to(x.dtype)
 
     def relu_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
         """psi_a(z) + 1 as sum_l coef_l relu(z + shift_l), a + 1 terms (see :func:`zigzag`):
@@ -255,6 +326,23 @@ class Parity(Target):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return x[:, self.index].prod(dim=1)
+
+
+def target_memory_bytes(cfg: DictConfig, rows: int, d: int, terms: int | None = None) -> int:
+    """About the bytes that the target of ``cfg`` holds, and allocates to label ``rows`` inputs
+    at once, beyond the inputs and labels (``d`` and ``terms`` in place of cfg's)."""
+    if cfg.name == "polynomial":
+        terms, degree = cfg.terms if terms is None else terms, cfg.degree
+        tables = terms * (HOST_BYTES_PER_TERM + 36 * degree + 2 * 8 * degree + 4)
+        hermite = 4 * (degree + 4) * rows * min(d, terms * degree)  # x[:, used], h, 2 buffers
+        step = min(terms, polynomial_block_terms(degree, rows))
+        factors = 4 * rows * (2 * step * degree + 2)  # a block of factors, products, the sum
+        return tables + hermite + factors
+    if cfg.name == "zigzag":  # float64 blocks of x, then ~6 float64 temporaries of z
+        return 8 * (min(rows * d, max(ZIGZAG_BLOCK, d)) + 7 * rows)
+    if cfg.name == "parity":
+        return 4 * rows * (cfg.k + 1)
+    return 4 * 2 * rows
 
 
 def build_target(cfg: DictConfig, device: torch.device) -> Target:

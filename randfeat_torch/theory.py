@@ -318,11 +318,61 @@ def relu_neuron_sum(w_star: torch.Tensor, bias: float = 0.0) -> ReluSum:
     return ReluSum(w_star, torch.ones_like(norm), shift, float(mean), float(variance))
 
 
+ZIGZAG_TRAPEZOID_NORM = 0.5  # below: the trapezoid of moments_1d (the wave is slow there)
+ZIGZAG_SUMMED_NORM = 4096.0  # below: the pieces beyond +-a one by one; above: Euler-Maclaurin
+_ZIGZAG_NODES = torch.from_numpy(numpy.stack(numpy.polynomial.legendre.leggauss(32)))
+
+
+def _zigzag_beyond(norm: float, a: int, t: torch.Tensor, euler_maclaurin: bool) -> torch.Tensor:
+    """R(t) = sum_{j > (a-1)/2} [phi((2j + t)/s) + phi((2j - t)/s)] / s, s = norm, at t: the
+    Gaussian mass that the pieces of the wave beyond +-a would carry. Summed term by term (up
+    to where phi underflows, 19.3 s + 1 terms at most), or for large s by Euler-Maclaurin with
+    step h = 2/s, sum_k h f(x0 + k h) = Q(x0) + h f/2 - h^2 f'/12 + h^4 f'''/720 at x0 (the
+    next term, h^6 f^(5) / 30240, is < 1e-24 for s >= 4096)."""
+    first = (a + 1) // 2  # the first piece past a: y = 2j + t on [a, a + 2]
+    if euler_maclaurin:
+        h = 2.0 / norm
+        x0 = torch.stack([(a + 1 + t) / norm, (a + 1 - t) / norm])
+        pdf = normal_pdf(x0)
+        series = 0.5 * h + h**2 / 12 * x0 + h**4 / 720 * x0 * (3 - x0 * x0)
+        return (0.5 * (torch.special.ndtr(-x0) + series * pdf)).sum(0)
+    last = math.ceil((38.6 * norm + 1) / 2)  # phi(38.6) ~ 1e-324
+    if last < first:
+        return torch.zeros_like(t)
+    j = torch.arange(first, last + 1, dtype=torch.float64).unsqueeze(-1)
+    return ((normal_pdf((2 * j + t) / norm) + normal_pdf((2 * j - t) / norm)) / norm).sum(0)
+
+
 @functools.lru_cache(maxsize=64)
 def zigzag_moments(norm: float, a: int) -> tuple[float, float]:
-    """(mean, variance) of the zigzag psi_a(norm z), z ~ N(0, 1), by :func:`moments_1d`: its
-    quadrature is computed once per (norm, a) in a process, whichever part of a run asks."""
-    return moments_1d(lambda z: zigzag(norm * z, a))
+    """(mean, variance) of the zigzag psi_a(s z), z ~ N(0, 1), s = norm, computed once per
+    (norm, a) in a process, whichever part of a run asks.
+
+    psi_a is odd, so the mean is 0. Its square is 1 beyond +-a and t^2 on each piece
+    y = 2j + t, t in [-1, 1], |j| <= (a-1)/2, of [-a, a]; by Poisson's summation over all j,
+    sum_j phi((2j + t)/s)/s = 1/2 + sum_m exp(-(pi m s)^2 / 2) cos(pi m t), so that
+    Var = 1/3 + sum_m 4 (-1)^m exp(-(pi m s)^2/2) / (pi m)^2 - int t^2 R(t) dt + 2 Q(a/s),
+    R the mass of the pieces beyond +-a (:func:`_zigzag_beyond`), integrated by 32-point
+    Gauss-Legendre. This is exact to ~1e-15 at every s >= 0.5 (the trapezoid on a grid of
+    step 1.2e-5 in z aliases the wave: Var off by 2e-5 at s = 4000, 1e-2 at s = 1e5, 0 at 1e6);
+    below, the wave is slow and the trapezoid of :func:`moments_1d` is used (~1e-10)."""
+    if norm < ZIGZAG_TRAPEZOID_NORM:
+        return 0.0, moments_1d(lambda z: zigzag(norm * z, a))[1]
+    m = torch.arange(1, math.ceil(12.3 / norm) + 1, dtype=torch.float64)  # exp(-745) = 0
+    poisson = 4 * (-1) ** m * torch.exp(-0.5 * (math.pi * m * norm) ** 2) / (math.pi * m) ** 2
+    t, weights = _ZIGZAG_NODES
+    beyond = _zigzag_beyond(norm, a, t, euler_maclaurin=norm >= ZIGZAG_SUMMED_NORM)
+    outside = 2 * float(torch.special.ndtr(torch.tensor(-a / norm, dtype=torch.float64)))
+    return 0.0, 1 / 3 + float(poisson.sum()) - float(weights @ (t * t * beyond)) + outside
+
+
+@functools.lru_cache(maxsize=64)
+def zigzag_energies(norm: float, a: int, max_degree: int) -> tuple[float, ...]:
+    """The energy of each Hermite degree 0..max_degree of psi_a(norm z), z ~ N(0, 1), by the
+    quadrature of :func:`hermite_coefficients_1d` (0.1-0.2 s): once per (norm, a, degree) in a
+    process, so that the jobs of a sweep on one zigzag compute their reference errors once."""
+    coefficients = hermite_coefficients_1d(lambda z: zigzag(norm * z, a), max_degree)
+    return tuple(coefficients.square().tolist())
 
 
 def relu_sum(target: Target) -> ReluSum | None:
@@ -464,8 +514,8 @@ def relu_rf_population_error(
 
 
 def exact_variance(target: Target, inputs: str) -> float | None:
-    """Var f under the named inputs where it is known in closed form (or by the 1D quadrature
-    of a zigzag, to ~1e-10), else None."""
+    """Var f under the named inputs where it is known in closed form (a zigzag's by
+    :func:`zigzag_moments`, to ~1e-15), else None."""
     if inputs not in target.exact_under:
         return None
     if isinstance(target, Zigzag):
@@ -481,12 +531,8 @@ def degree_energies(target: Target, max_degree: int) -> tuple[torch.Tensor, floa
         energy = relu_hermite_coefficients(target.norm, target.bias, max_degree).square()
         return energy, target.variance
     if isinstance(target, Zigzag):
-
-        def psi(z: torch.Tensor) -> torch.Tensor:
-            return zigzag(target.norm * z, target.a)
-
-        variance = zigzag_moments(target.norm, target.a)[1]
-        return hermite_coefficients_1d(psi, max_degree).square(), variance
+        energy = zigzag_energies(target.norm, target.a, max_degree)
+        return torch.tensor(energy, dtype=torch.float64), zigzag_moments(target.norm, target.a)[1]
     energy = torch.zeros(max_degree + 1, dtype=torch.float64)
     if isinstance(target, HermitePolynomial):
         for monomial, coef in zip(target.monomials, target.coef.double().cpu(), strict=True):
@@ -528,12 +574,12 @@ def reference_errors(
     }
     if not rf_exact:
         return errors
+    fits = exact_moments_apply(cfg) and cfg.replicas * cfg.width**2 <= POPULATION_MAX_ENTRIES
+    if moments is None and not fits:
+        return errors  # without building the a + 1 ReLUs of a zigzag (6 d^2 + 2 by default)
     relu = relu_sum(target)
-    if moments is None and (
-        exact_moments_apply(cfg) and cfg.replicas * cfg.width**2 <= POPULATION_MAX_ENTRIES
-    ):
+    if moments is None:
         moments = relu_population_moments(model.w, model.b, relu)
-    if moments is not None:
-        exact = population_error(moments, relu.variance).tolist()
-        errors["rf_population_error"] = exact[0] if len(exact) == 1 else exact
+    exact = population_error(moments, relu.variance).tolist()
+    errors["rf_population_error"] = exact[0] if len(exact) == 1 else exact
     return errors

@@ -157,10 +157,16 @@ def interrupts_raise() -> Iterator[None]:
             signal.signal(s, old)
 
 
-def train(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = None) -> RunResult:
+def train(
+    cfg: DictConfig,
+    run_dir: Path | str,
+    choices: dict[str, str] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> RunResult:
     """Train the configured model on the configured target; write the record in ``run_dir``.
 
     ``choices``: the config-group options picked (Hydra's runtime choices), for the record.
+    ``clock``: the seconds that the checkpoint policy counts (:class:`CheckpointPolicy`).
     With ``resume`` and a checkpoint in ``run_dir``, the run continues from it and ends with
     the metrics an uninterrupted run would have (bit-identical on CPU). SIGTERM or SIGINT
     during the loop: a checkpoint, status ``interrupted``, and a result saying which signal;
@@ -174,7 +180,7 @@ def train(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None =
     run_dir = Path(run_dir)
     try:
         with interrupts_raise():
-            return _train(cfg, run_dir, choices)
+            return _train(cfg, run_dir, choices, clock)
     except (OSError, RunLocked, CheckpointError):
         raise  # nothing to add to the record: it keeps its last good state
     except Exception as error:
@@ -186,7 +192,9 @@ def train(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None =
         raise
 
 
-def _train(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None) -> RunResult:
+def _train(
+    cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None, clock: Callable[[], float]
+) -> RunResult:
     start = time.perf_counter()
     POPULATION_FACTORS.keep_for(cfg)
     validate(cfg)
@@ -206,7 +214,7 @@ def _train(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None) -> Ru
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     with RunLock(run_dir):
         checkpoint = load_checkpoint(run_dir, config) if cfg.resume else None
-        loop = None if ridge else Loop(cfg, model, data, test_set, start)
+        loop = None if ridge else Loop(cfg, model, data, test_set, start, clock)
         if loop is not None and checkpoint is not None:
             loop.restore(checkpoint, run_dir / CHECKPOINT_NAME)  # before anything is written
         record = RunRecord(run_dir, config, hparams_of(cfg), checkpoint)
@@ -229,6 +237,7 @@ def _fit(
     device = data.device
     record.write(
         "running",
+        **({"learning_rates": loop.learning_rates} if loop else {}),
         device=str(device),
         torch_threads=torch.get_num_threads(),
         replica_seeds=[replica_seed(cfg.seed, r) for r in range(cfg.replicas)],
@@ -240,8 +249,12 @@ def _fit(
         record.log_theory(0, theory)
         kind = "train" if loop else "population" if cfg.optimizer.population else "fit"
         nothing = torch.full((cfg.replicas,), torch.nan, device=device)  # nothing fitted yet
+        clock = Stopwatch(device)
+        mark = clock.mark()
         initial = test_set.evaluate(model, nothing, kind)
         record.log_eval(0, initial)
+        if loop is not None:
+            loop.evaluation_s += clock.since(mark)
     interrupted_by = None
     try:
         if loop is None:
@@ -343,10 +356,37 @@ class Streams:
             g.set_state(saved)
 
 
+class CheckpointPolicy:
+    """When the loop writes a checkpoint between steps, besides the one that SIGTERM or SIGINT
+    always gets: every ``every_steps`` steps where that is set (``checkpoint_every``), else at
+    the end of the first step at least ``every_s`` seconds of ``clock`` after the last
+    checkpoint or the start of the loop (``checkpoint_every_s``; None: never). Never after the
+    last step, since a finished run keeps none. A checkpoint of a small model costs a few
+    milliseconds, and a run's set-up more than a periodic one saves, so by default a run
+    shorter than ``every_s`` writes none: a kill that no handler sees (SIGKILL, a lost node)
+    costs at most ``every_s`` seconds of steps, plus the set-up."""
+
+    def __init__(
+        self, every_steps: int | None, every_s: float | None, clock: Callable[[], float]
+    ) -> None:
+        self.every_steps, self.every_s, self.clock = every_steps, every_s, clock
+        self.last = clock()
+
+    def due(self, step: int) -> bool:
+        """Whether to write a checkpoint after ``step``."""
+        if self.every_steps is not None:
+            return step % self.every_steps == 0
+        return self.every_s is not None and self.clock() - self.last >= self.every_s
+
+    def saved(self) -> None:
+        """A checkpoint was written now: the next one is due ``every_s`` from here."""
+        self.last = self.clock()
+
+
 class Loop:
     """The optimizer loop: ``steps`` minibatch steps, evaluating every ``eval_every``, with a
-    checkpoint every ``checkpoint_every`` steps (default: at every evaluation) and on SIGTERM
-    or SIGINT, after which it stops with status ``interrupted``.
+    checkpoint as :class:`CheckpointPolicy` says and on SIGTERM or SIGINT, after which it
+    stops with status ``interrupted``.
 
     Everything the remaining steps depend on is in :attr:`resumable`, objects with
     ``state_dict`` / ``load_state_dict``: a checkpoint is their states, and restoring one
@@ -359,9 +399,10 @@ class Loop:
         data: Data,
         test_set: TestSet,
         start: float,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg, self.model, self.data, self.test_set = cfg, model, data, test_set
-        self.start = start
+        self.start, self.clock = start, clock
         self.record: RunRecord | None = None  # given to run()
         self.batches = Batches(cfg, data)
         self.optimizer, self.scheduler = build_optimizer(cfg.optimizer, model, cfg.steps)
@@ -380,6 +421,7 @@ class Loop:
             Laziness(model, probe, test_set.variance, multipliers) if cfg.lazy_probe else None
         )
         self.laziness_s = 0.0  # seconds spent on the laziness measures in this process
+        self.evaluation_s = 0.0  # ... on evaluations (step 0's, the laziness measures too)
         self.thresholds = [float(t) for t in cfg.steps_to_error]
         self.gradient_step = gradient_step(cfg, model, self.params)
         rounding = make_generator(data.device, cfg.seed, ROUNDING_STREAM)
@@ -424,7 +466,6 @@ class Loop:
         status, final metrics, steps done and steps per second of this call's steps (set-up,
         evaluation and saving left out; 0 when interrupted)."""
         self.record = record
-        self.record.write("running", learning_rates=self.learning_rates)
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             return self._steps()
@@ -437,7 +478,7 @@ class Loop:
         gradient_step = self.gradient_step
         scheduled = cfg.optimizer.schedule != "constant" or cfg.optimizer.warmup_steps > 0
         steps, eval_every = cfg.steps, cfg.eval_every  # plain ints: no config look-up per step
-        checkpoint_every = cfg.checkpoint_every or eval_every
+        policy = CheckpointPolicy(cfg.checkpoint_every, cfg.checkpoint_every_s, self.clock)
         bar = tqdm(
             total=steps,
             initial=progress.step,
@@ -466,7 +507,7 @@ class Loop:
                 bar.update()
 
                 evaluate = step % eval_every == 0 or step == steps
-                save = self.signal is not None or (step % checkpoint_every == 0 and step != steps)
+                save = self.signal is not None or (step != steps and policy.due(step))
                 if not (evaluate or save):
                     continue
                 step_time += clock.since(segment)
@@ -475,6 +516,7 @@ class Loop:
                     bar.set_postfix(test_error=f"{float(metrics['test_error'].mean()):.4g}")
                 if save:
                     self.record.checkpoint(self.state())
+                    policy.saved()
                 if self.signal is not None:
                     name = signal.Signals(self.signal).name
                     self.record.write("interrupted", steps_done=step, interrupted_by=name)
@@ -487,17 +529,19 @@ class Loop:
         return progress.status, metrics, done, (done - first_step) / max(1e-9, step_time)
 
     def _evaluate(self, steps_per_s: float) -> dict[str, torch.Tensor]:
-        """Test metrics, TensorBoard, the record; marks divergence (NaN or Inf)."""
-        progress = self.progress
+        """Test metrics, TensorBoard, the record; marks divergence (NaN or Inf). At the last
+        step the record is written by the run's final write, which follows."""
+        progress, clock = self.progress, Stopwatch(self.data.device)
+        start = clock.mark()
         metrics = self.test_set.evaluate(self.model, progress.loss_sum / progress.steps_in_sum)
         if self.laziness is not None:
-            clock = Stopwatch(self.data.device)
             mark = clock.mark()
             metrics |= self.laziness.measure(self.model)
             self.laziness_s += clock.since(mark)
         progress.loss_sum.zero_()
         progress.steps_in_sum = 0
         self.record.log_eval(progress.step, metrics)
+        self.evaluation_s += clock.since(start)
         finite = torch.isfinite(metrics["train_loss"]) & torch.isfinite(metrics["test_error"])
         error = metrics["test_error"].detach().cpu()
         progress.best = torch.fmin(progress.best, error)
@@ -510,6 +554,7 @@ class Loop:
             best_test_error=[v if v < float("inf") else None for v in progress.best.tolist()],
             steps_to_error=steps_to_error_record(self.thresholds, progress.reached),
             laziness_s=self.laziness_s,
+            evaluation_s=self.evaluation_s,
             steps_done=progress.step,
             wall_time_s=time.perf_counter() - self.start,
             steps_per_s=steps_per_s,
@@ -517,6 +562,9 @@ class Loop:
         if not bool(finite.all()):
             progress.status = "diverged"
             fields["diverged_replicas"] = (~finite).nonzero().flatten().tolist()
-        self.record.write("running", **fields)
+        if progress.step == self.cfg.steps:
+            self.record.update(**fields)
+        else:
+            self.record.write("running", **fields)
         self.all_diverged = not bool(finite.any())
         return metrics

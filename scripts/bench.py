@@ -30,6 +30,14 @@ moves both sides alike:
 - laziness: the seconds of a whole run (default shape, d=32, width=1024, eval_every=200,
   1000 steps) over those of the same run less the laziness measures at its evaluations;
 - start-up: ``python train.py steps=1`` end to end vs ``python -c "import torch"``;
+- sweep overhead: the seconds per job that ``python train.py -m`` of 64 tiny jobs (quick: 8;
+  steps=200, widths 64 and 256) spends beyond its jobs' training steps, with the start-up
+  cancelled by a sweep of one job run interleaved with it (see :func:`sweep_overhead`): a
+  figure in seconds, not a ratio;
+- kernel fit (measured, no target): kernel ridge (``fit=rf_kernel``, d=16) on n_train=20000
+  samples (quick: 2000) over ridge on the same samples' random features of width 2048 (quick:
+  512): the fits' seconds, one of each (20000^2 float64 is 3.2 GB), with the kernel matrix's
+  share and the process's peak resident memory after it;
 - compile (measured, no target): the gradient step compiled as ``compile=true`` compiles it vs
   eager, d=64, width=1024, batch=256, and the seconds the compilation took.
 
@@ -40,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -53,29 +62,41 @@ from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
+from randfeat_torch.data import TestSet, training_data
 from randfeat_torch.device import Stopwatch
-from randfeat_torch.models import TwoLayerNet
+from randfeat_torch.kernels import KERNEL_FITS
+from randfeat_torch.models import TwoLayerNet, build_model
 from randfeat_torch.paths import CONFIG_DIR, register_resolvers
-from randfeat_torch.ridge import penalty_path, sampled_moments
+from randfeat_torch.ridge import (
+    CHUNK_ELEMENTS,
+    penalty_path,
+    relative_lambda,
+    sampled_moments,
+    solve_centred,
+)
 from randfeat_torch.solvers import POPULATION_FACTORS
+from randfeat_torch.targets import build_target
 from randfeat_torch.trainer import compile_step, train
 
 ROOT = CONFIG_DIR.parent
 # figures whose target is a ceiling
-AT_MOST = ("startup", "width_path", "width_path_sampled", "laziness")
+AT_MOST = ("startup", "width_path", "width_path_sampled", "laziness", "sweep_overhead")
 TARGETS = {
-    "single_trainable": 1.0,
-    "single_frozen": 1.0,
-    "replicas": 5.0,
-    "large_fraction_of_peak": 0.65,
+    "single_trainable": 2.0,
+    "single_frozen": 1.6,
+    "replicas": 10.0,
+    "large_fraction_of_peak": 0.80,
     "closed_form": 20.0,
     "closed_form_sampled": None,  # ridge on n_train samples: measured, no target
     "width_path": 1.3,  # path seconds / plain seconds: at most
     "width_path_sampled": 1.3,
     "penalty_path": None,  # one eigendecomposition / a Cholesky per penalty: measured
     "laziness": 1.05,  # run seconds with the laziness measures / without: at most
-    "startup": 2.5,
+    "startup": 2.0,
+    "sweep_overhead": 0.05,  # seconds per job beyond its training steps: at most
     "compile": None,  # measured to decide where compile=true pays; no target
+    "kernel_fit": None,  # kernel ridge seconds / random-features ridge seconds: measured
+    "ridge_vs_sklearn": 1.5,  # scikit-learn's seconds / ours, sampled ridge (with [compare])
 }
 
 
@@ -251,6 +272,72 @@ def closed_form_vs_sgd(ours: Trainer, quick: bool, repeats: int) -> dict[str, di
     return figures
 
 
+def ridge_vs_sklearn(quick: bool, repeats: int) -> dict | None:
+    """The sampled ridge fit (``optimizer=ridge``, frozen, no hidden bias, d=64, width=2048,
+    n_train=65536; quick: width=512, n_train=8192) against scikit-learn's
+    ``Ridge(solver="cholesky")`` on the same samples' features held in memory (float32), with
+    the same penalty (alpha = n lambda): seconds of each, interleaved, medians, and their test
+    errors. Ours streams in bounded memory and its seconds include drawing the samples and
+    their features; scikit-learn's are the fit alone. None without scikit-learn
+    (``pip install -e .[compare]``)."""
+    try:
+        from sklearn.linear_model import Ridge
+    except ImportError:
+        return None
+    register_resolvers()
+    n, width = (8192, 512) if quick else (65536, 2048)
+    overrides = ["model=frozen", "model.bias=false", "optimizer=ridge", "d=64", "device=cpu"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", [*overrides, f"width={width}", f"n_train={n}"])
+    device = torch.device("cpu")
+    target = build_target(cfg.target, device)
+    model, test_set = build_model(cfg.model, cfg.seed, device), TestSet(cfg, target, device)
+    chunk = max(1, CHUNK_ELEMENTS // width)  # as the fit draws them
+    fits: dict[str, dict] = {}
+
+    def test_error(beta: torch.Tensor, c: float) -> float:
+        f = model.ridge_features(test_set.x)[0].double() @ beta.double() + c
+        return float((f - test_set.y.double()).square().mean() / test_set.variance)
+
+    def ours() -> float:
+        data = training_data(cfg, target, device)  # the same seed, the same samples each time
+        clock = time.perf_counter()
+        moments = sampled_moments(model.ridge_features, data.draw, n, 1, width, device, chunk)
+        lam = relative_lambda(moments.cov, cfg.optimizer.penalty)
+        fit = solve_centred(moments, lam)
+        seconds = time.perf_counter() - clock
+        fits["ours"] = {"error": test_error(fit.beta[0], float(fit.c[0])), "lambda": float(lam)}
+        return 1 / seconds
+
+    data = training_data(cfg, target, device)
+    features, targets = torch.empty(n, width), torch.empty(n)
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            x, y = data.draw(min(chunk, n - start))
+            features[start : start + len(y)] = model.ridge_features(x)[0]
+            targets[start : start + len(y)] = y
+    features_np, targets_np = features.numpy(), targets.numpy()
+
+    def sklearn() -> float:
+        alpha = n * fits["ours"]["lambda"]  # sklearn: |y - X b - c|^2 + alpha |b|^2
+        clock = time.perf_counter()
+        fitted = Ridge(alpha=alpha, solver="cholesky").fit(features_np, targets_np)
+        seconds = time.perf_counter() - clock
+        beta = torch.from_numpy(fitted.coef_)
+        fits["sklearn"] = {"error": test_error(beta, float(fitted.intercept_))}
+        return 1 / seconds
+
+    ours()  # the penalty, for scikit-learn's alpha
+    figure = interleaved(sklearn, ours, repeats)
+    return {
+        "sklearn_s": 1 / figure["baseline"],
+        "ours_s": 1 / figure["ours"],
+        "ratio": figure["ratio"],
+        "errors": {name: fit["error"] for name, fit in fits.items()},
+        "shape": {"d": 64, "width": width, "n_train": n},
+    }
+
+
 def width_path_cost(ours: Trainer, quick: bool, repeats: int) -> dict[str, dict]:
     """Seconds of the ridge fit with the width path over those of the plain fit, population and
     sampled (see the module docstring)."""
@@ -310,6 +397,27 @@ def penalty_path_vs_eigh(quick: bool, repeats: int) -> dict:
     }
 
 
+def kernel_fit_cost(ours: Trainer, quick: bool) -> dict:
+    """Seconds of the kernel fit at n_train samples over those of the ridge fit on the same
+    samples' random features (see the module docstring)."""
+    n, width = (2000, 512) if quick else (20000, 2048)
+    common = ["optimizer=ridge", "d=16", f"n_train={n}", "n_test=1000", "target=polynomial"]
+    ridge = ours.run("model=frozen", f"width={width}", *common)
+    KERNEL_FITS.key = None  # a fit kept from an earlier run would cost nothing
+    kernel = ours.run("fit=rf_kernel", *common)
+    record = json.loads((kernel.run_dir / "metrics.json").read_text())["kernel"]
+    ridge_s, kernel_s = 1 / ridge.steps_per_s, 1 / kernel.steps_per_s
+    return {
+        "kernel_s": kernel_s,
+        "matrix_s": record["matrix_s"],
+        "ridge_s": ridge_s,
+        "ratio": kernel_s / ridge_s,
+        "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "errors": {"kernel": kernel.test_error, "ridge": ridge.test_error},
+        "shape": {"d": 16, "n_train": n, "width": width},
+    }
+
+
 def laziness_overhead(ours: Trainer, quick: bool, repeats: int) -> dict:
     """A whole run's seconds over the same run's seconds less those of the laziness measures
     (the record's ``laziness_s``, timed around them), at the default shape and ``eval_every``:
@@ -332,6 +440,58 @@ def startup_seconds(command: list[str], repeats: int) -> float:
         subprocess.run(command, check=True, capture_output=True, cwd=ROOT)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def sweep_overhead(ours: Trainer, quick: bool, repeats: int) -> dict:
+    """Seconds per job that a multirun of n tiny jobs spends beyond its jobs' training steps:
+    ``python train.py -m steps=200 width=64,256 seed=range(n/2)`` as a user types it (with
+    ``threads=1``, so that the jobs' own time is steadier on a shared machine), and the same
+    sweep of one job, interleaved, ``repeats`` times. Per pair, (wall_n - wall_1 - (steps_n -
+    steps_1)) / (n - 1), where steps_k is the sum over the sweep's jobs of their training
+    steps' seconds (steps_done / steps_per_s in each record): what Python's and torch's
+    start-up and the sweep's fixed costs take cancels, and what stays is each job's
+    composition, Hydra's job bookkeeping, the run's set-up, evaluations, record and TensorBoard
+    files. The median of the pairs; ``beyond_evaluations_s`` the same less the evaluations too
+    (the records' evaluation_s: two of n_test=10000 points here), ``in_run_s`` the median job's
+    share inside ``train`` (its record's wall_time_s less its steps)."""
+    jobs = 8 if quick else 64
+    sweeps = 0
+
+    def sweep(n: int) -> tuple[float, float, float, list[float]]:
+        nonlocal sweeps
+        sweeps += 1
+        folder = ours.tmp / f"sweep{sweeps}"
+        grid = ["width=64,256", f"seed=range({n // 2})"] if n > 1 else ["width=64", "seed=0"]
+        command = [sys.executable, "train.py", "-m", "steps=200", "threads=1", *grid]
+        start = time.perf_counter()
+        subprocess.run(
+            [*command, f"hydra.sweep.dir={folder}"], check=True, capture_output=True, cwd=ROOT
+        )
+        wall = time.perf_counter() - start
+        records = [json.loads(p.read_text()) for p in folder.glob("*/metrics.json")]
+        assert len(records) == n and all(r["status"] == "ok" for r in records), folder
+        steps = [r["steps_done"] / r["steps_per_s"] for r in records]
+        in_run = [r["wall_time_s"] - s for r, s in zip(records, steps, strict=True)]
+        return wall, sum(steps), sum(r["evaluation_s"] for r in records), in_run
+
+    overheads, beyond, walls, singles, in_run = [], [], [], [], []
+    for _ in range(repeats):
+        single, single_steps, single_evaluations, _ = sweep(1)
+        wall, steps, evaluations, inside = sweep(jobs)
+        overheads.append((wall - single - (steps - single_steps)) / (jobs - 1))
+        beyond.append(overheads[-1] - (evaluations - single_evaluations) / (jobs - 1))
+        walls.append(wall)
+        singles.append(single)
+        in_run += inside
+    return {
+        "ratio": statistics.median(overheads),  # seconds per job: at most the target
+        "beyond_evaluations_s": statistics.median(beyond),
+        "jobs": jobs,
+        "sweep_s": statistics.median(walls),
+        "one_job_sweep_s": statistics.median(singles),
+        "in_run_s": statistics.median(in_run),
+        "overheads_s": overheads,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -396,6 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     figures.update(width_path_cost(ours, quick, 1 if quick else 5))
     figures["penalty_path"] = penalty_path_vs_eigh(quick, 1 if quick else 3)
     figures["laziness"] = laziness_overhead(ours, quick, 2 if quick else 5)
+    figures["kernel_fit"] = kernel_fit_cost(ours, quick)
+    if (versus := ridge_vs_sklearn(quick, 2 if quick else 5)) is not None:
+        figures["ridge_vs_sklearn"] = versus
 
     bare = startup_seconds([sys.executable, "-c", "import torch"], repeats)
     app = startup_seconds(
@@ -412,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         repeats,
     )
     figures["startup"] = {"import_torch_s": bare, "train_py_s": app, "ratio": app / bare}
+    figures["sweep_overhead"] = sweep_overhead(ours, quick, 1 if quick else 3)
 
     lines = [f"{'figure':<24}{'ratio':>8}{'target':>10}  detail"]
     for name, fig in figures.items():

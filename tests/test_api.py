@@ -79,8 +79,8 @@ def test_default_folder_is_the_command_lines_and_a_finished_run_is_read_back(
     [
         ((), {"width": -5}, "invalid config: width=-5 (must be an integer >= 1)"),
         (("width=-5",), {}, "invalid config: width=-5 (must be an integer >= 1)"),
-        ((), {"model": "nope"}, "invalid config: model=nope (allowed: frozen, linearized"),
-        ((), {"foo": 1}, "invalid config: foo=1 (Key 'foo' not in 'TrainConfig')"),
+        ((), {"model": "nope"}, "invalid config: model=nope (allowed: frozen, kernel, linearized"),
+        ((), {"foo": 1}, "invalid config: foo=1 (no such key; new variables go under vars"),
     ],
 )
 def test_a_bad_value_raises_one_sentence_naming_the_key(tmp_path, overrides, values, sentence):

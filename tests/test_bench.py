@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -25,7 +26,9 @@ RATIO_OF = {
     "width_path": ("path_s", "plain_s"),
     "width_path_sampled": ("path_s", "plain_s"),
     "penalty_path": ("eigh_s", "path_s"),
+    "kernel_fit": ("kernel_s", "ridge_s"),
     "startup": ("train_py_s", "import_torch_s"),
+    "ridge_vs_sklearn": ("sklearn_s", "ours_s"),
 }
 
 
@@ -41,8 +44,10 @@ def test_bench_quick_produces_every_figure(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     bench = json.loads(out.read_text())
     figures = bench["figures"]
+    # scikit-learn's row only where the optional [compare] extra is installed
+    without = set() if importlib.util.find_spec("sklearn") else {"ridge_vs_sklearn"}
     assert (
-        set(figures)
+        set(figures) | without
         == set(bench["targets"])
         == {
             "single_trainable",
@@ -57,6 +62,9 @@ def test_bench_quick_produces_every_figure(tmp_path):
             "laziness",
             "startup",
             "compile",
+            "kernel_fit",
+            "sweep_overhead",
+            "ridge_vs_sklearn",
         }
     )
     for name, figure in figures.items():

@@ -135,10 +135,10 @@ def test_a_two_by_two_multirun_leaves_four_records(tmp_path):
         ("width=-5", "invalid config: width=-5 (must be an integer >= 1)"),
         ("d=0", "invalid config: d=0 (must be an integer >= 1)"),
         ("optimizer.lr=0", "invalid config: optimizer.lr=0 (must be a finite number > 0)"),
-        ("model=nope", "invalid config: model=nope (allowed: frozen, linearized, trainable)"),
+        ("model=nope", "invalid config: model=nope (allowed: frozen, kernel, linearized, trainabl"),
         ("width=abc", "invalid config: width=abc (Value 'abc' of type 'str' could not be con"),
-        ("foo=1", "invalid config: foo=1 (Key 'foo' not in 'TrainConfig')"),
-        ("width=[", "invalid config: override=width=[ (is not Hydra's KEY=VALUE syntax)"),
+        ("foo=1", "invalid config: foo=1 (no such key; new variables go under vars, as +vars"),
+        ("width=[", "invalid config: width=[ (Hydra's override grammar cannot read the value"),
     ],
 )
 def test_bad_input_exits_2_with_one_sentence_and_writes_nothing(tmp_path, override, message):

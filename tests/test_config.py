@@ -11,7 +11,7 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from randfeat_torch import data
+from randfeat_torch import cli, data
 from randfeat_torch.cli import CONFIG_DIR, load_config
 from randfeat_torch.config import GROUPS, ConfigError, validate
 from randfeat_torch.models import build_model
@@ -57,7 +57,10 @@ def assert_error_on_fresh_samples(cfg, result, n: int = 20_000) -> None:
     assert ((recorded - squares.mean(1)).abs() <= 5 * sigma).all(), (recorded, squares.mean(1))
 
 
-NEEDS = {"optimizer/ridge": ["model=frozen", "n_train=64"]}
+NEEDS = {
+    "optimizer/ridge": ["model=frozen", "n_train=64"],
+    "model/kernel": ["optimizer=ridge", "n_train=64"],
+}
 
 
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)
@@ -73,13 +76,15 @@ def test_every_yaml_composes_and_trains(make_cfg, tmp_path, group, option):
 
 # Enough samples for the ridge fits to be near their optimum (64 and 640 features).
 FIT_NEEDS = {"rf_ridge": ["n_train=1000"], "nt_ridge": ["n_train=3000"]}
+FIT_NEEDS |= {"rf_kernel": ["n_train=1000"], "nt_kernel": ["n_train=1000"]}
 
 
 @pytest.mark.parametrize("option", FITS)
 def test_every_fit_composes_and_trains(make_cfg, tmp_path, option):
     cfg = make_cfg(f"fit={option}", *FIT_NEEDS.get(option, []))
     validate(cfg)
-    assert cfg.model.name == {"nn": "trainable", "rf": "frozen", "nt": "linearized"}[option[:2]]
+    regime = {"nn": "trainable", "rf": "frozen", "nt": "linearized"}[option[:2]]
+    assert cfg.model.name == ("kernel" if option.endswith("_kernel") else regime)
     result = train(cfg, tmp_path)
     assert result.status == "ok"
     assert_error_on_fresh_samples(cfg, result)
@@ -91,6 +96,8 @@ def test_every_fit_composes_and_trains(make_cfg, tmp_path, option):
         assert result.test_error == pytest.approx(result.theory["rf_population_error"], abs=0.03)
     if option == "nt_ridge":  # the tangent features beat the RF optimum (measured 0.049)
         assert result.test_error < 0.08
+    if option.endswith("_kernel"):  # width -> infinity on 1000 samples: 0.013 and 0.014
+        assert result.test_error < result.theory["best_degree_2"] < 0.075  # (RF at width 64)
 
 
 @pytest.mark.parametrize("regime", ["trainable", "frozen", "linearized"])
@@ -156,6 +163,15 @@ def test_groups_read_the_top_level_knobs(make_cfg):
         ("n_train=10", "invalid config: n_train=10 (must be >= batch_size=32"),
         ("target=polynomial target.degree=0", "invalid config: target.degree=0"),
         ("target=polynomial target.degree=-1", "invalid config: target.degree=-1"),
+        ("target=polynomial target.degree=60", "target.degree=60 (must be in 1..4 for d=8 and "),
+        (
+            "target=polynomial d=1 target.terms=1 target.degree=4",
+            "degree=4 (must be in 1..3 for d=1",
+        ),
+        (
+            "target=polynomial d=2000 target.terms=1000001",
+            "target.terms=1000001 (must be <= 1000000",
+        ),
         ("target.norm=-1", "invalid config: target.norm=-1.0 (must be a finite number > 0)"),
         ("model.activation=swish", "invalid config: model.activation=swish (allowed: relu, gelu"),
         ("model.parameterization=mup", "model.parameterization=mup (allowed: standard, ntk"),
@@ -182,6 +198,22 @@ def test_bad_values_are_refused_with_one_sentence(override, message):
     assert text.startswith("invalid config: ")
     assert message in text
     assert "\n" not in text
+
+
+@pytest.mark.parametrize(("n_test", "top"), [(512, 4), (10_000, 7), (1_000_000, 10)])
+def test_polynomial_degree_is_bounded_by_what_the_test_set_can_see(n_test, top, capsys):
+    """Up to degree top the test set measures the unit variance to within 1/2: relative standard
+    error sqrt((E m^4 - 1) / n_test), E m^4 = 3^k for k <= d = 8, then a coordinate repeats:
+    15^2 3^6 = 164025 at k = 10, 15^3 3^5 = 820125 at k = 11; past it, no."""
+    sizes = [*SMALL, f"n_test={n_test}", "target=polynomial"]
+    assert load_config([*sizes, f"target.degree={top}"]).target.degree == top
+    with pytest.raises(SystemExit) as exit_info:  # through the command line
+        cli.precheck([*sizes, f"target.degree={top + 1}"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith(
+        f"invalid config: target.degree={top + 1} (must be in 1..{top} for d=8 and "
+        f"n_test={n_test}: n test points measure the unit variance"
+    )
 
 
 def test_too_many_polynomial_terms_are_refused(run, tmp_path: Path):

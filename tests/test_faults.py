@@ -127,7 +127,7 @@ def test_a_full_disk_on_resume_keeps_the_interrupted_record(make_cfg, tmp_path, 
     train_until_sigterm(cfg, tmp_path, 5)
     before = (tmp_path / RECORD_NAME).read_text()
 
-    def full(path, data):
+    def full(path, data, durable=True):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(record_module, "atomic_write_json", full)

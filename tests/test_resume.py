@@ -85,7 +85,7 @@ def train_again(cfg, run_dir, **options):
         return train(cfg, run_dir, **options)
 
 
-def train_until_sigterm(cfg, run_dir, step: int):
+def train_until_sigterm(cfg, run_dir, step: int, **options):
     """``train`` with a real SIGTERM raised in this process while the loop draws the batch of
     ``step`` (the loop acts on it at the end of that step, as on a signal from outside)."""
     calls = itertools.count(1)
@@ -98,7 +98,7 @@ def train_until_sigterm(cfg, run_dir, step: int):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Batches, "next", next_batch)
-        return train(cfg, run_dir)
+        return train(cfg, run_dir, **options)
 
 
 def steps_logged(run_dir) -> list[int]:

@@ -150,7 +150,7 @@ CASES = {
     # submitit's preemption signal, and a preempting cluster's: the job requeues itself.
     "scancel --signal=USR2": (1, ["scancel", "--signal=USR2"], "SIGUSR2 on "),
     "scancel --signal=TERM": (2, ["scancel", "--signal=TERM"], "SIGTERM on "),
-    # hydra.launcher.timeout_min=1: Slurm sends USR2 signal_delay_s (120 s) before the time
+    # hydra.launcher.timeout_min=1: Slurm sends USR2 signal_delay_s (30 s) before the time
     # limit at its next check of time limits (every 30 s). Until then the job is stopped, not
     # finished; Slurm's SIGCONT before its signal wakes it. Submitit counts a time-out.
     "time limit": (3, ["scancel", "--signal=STOP"], "SIGUSR2 on "),
@@ -166,7 +166,15 @@ def interrupted(slurm, tmp_path_factory) -> dict[str, Interrupted]:
     commands = {
         preempted: sweep_command(preempted, *LONG, *SLURM, "seed=0,1,2"),
         timed_out: sweep_command(
-            timed_out, *LONG, *SLURM, "seed=3", "hydra.launcher.timeout_min=1"
+            timed_out,
+            *LONG,
+            *SLURM,
+            "seed=3",
+            "hydra.launcher.timeout_min=1",
+            # USR2 30 s before the limit of 60: at a check of time limits 30 to 60 s after the
+            # start, once the job's handlers are in place (with the preset's 120 s, at the first
+            # check, which may come while the job still starts and has none)
+            "hydra.launcher.signal_delay_s=30",
         ),
         reference: sweep_command(reference, *LONG, "seed=0,1,2,3"),
     }

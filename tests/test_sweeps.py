@@ -34,9 +34,10 @@ def test_a_preset_sweep_is_its_params_with_the_command_line_winning_key_by_key()
 
 def test_a_glob_over_options_and_a_range_expand_as_hydra_expands_them():
     jobs = sweep_jobs(["model=glob(*)", "seed=range(0,3)", "hydra.sweep.dir=x"])
-    assert len(jobs) == 9 and all(not o.startswith("hydra.") for job in jobs for o in job)
+    assert len(jobs) == 12 and all(not o.startswith("hydra.") for job in jobs for o in job)
     assert {o for job in jobs for o in job if o.startswith("model=")} == {
         "model=frozen",
+        "model=kernel",
         "model=linearized",
         "model=trainable",
     }

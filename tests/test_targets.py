@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -128,7 +129,54 @@ def test_zigzag_target_uses_a_direction_of_the_given_norm():
     target = Zigzag(6, norm=6.0, a=217, seed=0, device=CPU)
     assert float(target.w.norm()) == pytest.approx(6.0, rel=1e-6)
     x = torch.randn(100, 6)
-    assert torch.equal(target(x), zigzag(x @ target.w, 217))
+    assert torch.equal(target(x), zigzag(x.double() @ target.w.double(), 217).float())
+
+
+def exact_zigzag(z: Fraction, a: int) -> float:
+    """psi_a(z) in rational arithmetic from its definition as a shifted wave, rounded once."""
+    if abs(z) >= a:
+        return 1.0 if z > 0 else -1.0
+    u = (z + a) % 4
+    return float((u if u <= 2 else 4 - u) - 1)
+
+
+# The zigzag's scale at d: a = 6 d^2 + 1, z ~ N(0, d^2). 38,745,320 is the last d with a < 2^53
+# (a exact in float64), 2^40 gives a = 6 * 2^80 + 1 (no float holds it).
+@pytest.mark.parametrize("d", [1, 20, 1024, 4000, 38_745_320, 2**40])
+def test_zigzag_is_correctly_rounded_at_every_scale(d):
+    """Shifting z by a in float32 lost the wave (0.25 off at d = 1024, a constant from d ~ 2000).
+    Tolerance: a correctly rounded float32 result is within half an ulp of the exact value,
+    ulp(y) <= 2^-23 |y| for normal y, so |got - exact| <= 2^-24 |exact|."""
+    a = 6 * d * d + 1
+    z = torch.randn(2000, generator=torch.Generator().manual_seed(d % 2**31)) * d
+    edge = float(torch.tensor(float(a), dtype=torch.float32))  # a rounded to float32
+    z = torch.cat([z, torch.tensor([edge, -edge, edge * (1 + 2**-23), 2.0**-30, -(2.0**-30)])])
+    exact = torch.tensor([exact_zigzag(Fraction(v), a) for v in z.tolist()], dtype=torch.float64)
+    got = zigzag(z, a)
+    assert got.dtype == torch.float32
+    assert bool(((got.double() - exact).abs() <= 2.0**-24 * exact.abs()).all())
+
+
+@pytest.mark.parametrize("d", [20, 1024, 4000])
+def test_zigzag_target_is_psi_of_the_exact_inner_product(d):
+    """y against psi_a at <w*, x> summed exactly (math.fsum of the float32 products, which are
+    exact in float64). Tolerance: float64 summation of d terms errs by at most
+    gamma_d sum_i |x_i w_i|, gamma_d = d u / (1 - d u), u = 2^-53, which moves psi (slope 1)
+    as much; fsum's own rounding, 2^-53 |z|, as much again; then one float32 rounding,
+    2^-24 |y|."""
+    target = Zigzag(d, norm=float(d), a=6 * d * d + 1, seed=0, device=CPU)
+    x = torch.randn(64, d, generator=torch.Generator().manual_seed(5))
+    products = x.double() * target.w.double()
+    z = [Fraction(math.fsum(row)) for row in products.tolist()]
+    exact = torch.tensor([exact_zigzag(v, target.a) for v in z], dtype=torch.float64)
+    u = 2.0**-53
+    tolerance = (
+        d * u / (1 - d * u) * products.abs().sum(1)
+        + u * products.sum(1).abs()
+        + 2.0**-24 * exact.abs()
+    )
+    assert bool(((target(x).double() - exact).abs() <= tolerance).all())
+    assert float(tolerance.max()) < 2e-7  # the float32 rounding of |y| <= 1, and not much more
 
 
 def test_parity_values_and_orthogonality_to_every_lower_order_parity():

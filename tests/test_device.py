@@ -1,0 +1,120 @@
+"""The machine checks of a job: the memory it can take, and sizes that do not fit refused with
+the number, through the command line (exit status 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from randfeat_torch import cli, device
+from tests.conftest import SMALL
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize(
+    ("overrides", "free_gib", "message"),
+    [
+        # The input batch itself (30.5 GiB) was not counted: the old estimate said 30.6 GiB.
+        (
+            ["d=4096", "batch_size=2000000", "width=1024"],
+            40,
+            "batch_size=2000000 (this run needs about 61.2 GiB, more than the 40 GiB available "
+            "here; batch_size <= 1306",
+        ),
+        # The Hermite values of the 60 coordinates, (degree + 1) x n_test x 60 (the old
+        # estimate: 0.23 GiB; the old evaluation held 37,820 x 3 x n_test factors at once).
+        (
+            [
+                "target=polynomial",
+                "d=60",
+                "target.degree=3",
+                "target.terms=37820",
+                "n_test=1000000",
+            ],
+            1,
+            "n_test=1000000 (this run needs about 2.1",
+        ),
+        # The training batch and the laziness probe, 256 x d each (the old estimate: 7.45 GiB).
+        (
+            ["target=parity", "d=200000", "width=1", "n_test=10000", "batch_size=256"],
+            7.5,
+            "d=200000 (this run needs about 7.65 GiB, more than the 7.5 GiB available here; d <= ",
+        ),
+        # The a + 1 = 6 d^2 + 2 ReLUs of the zigzag for theory's exact moments (old: 0.009 GiB).
+        (
+            ["target=zigzag", "model=frozen", "d=3000"],
+            1,
+            "target.a=54000001 (this run needs about 1.6",
+        ),
+        (
+            ["target=polynomial", "d=2000", "target.terms=1000000"],
+            0.25,
+            "target.terms=1000000 (this run needs about 0.3",
+        ),
+    ],
+)
+def test_sizes_that_do_not_fit_exit_2_naming_the_key_and_what_fits(
+    monkeypatch, capsys, overrides, free_gib, message
+):
+    monkeypatch.setattr(device, "free_memory", lambda name: (int(free_gib * GIB), "available here"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.precheck([*SMALL, *overrides])
+    assert exit_info.value.code == 2
+    text = capsys.readouterr().err.strip()
+    assert text.startswith(f"invalid config: {message}") and "\n" not in text
+    assert "would fit)" in text or "no value of it alone fits)" in text
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+@pytest.mark.parametrize(
+    ("cgroup", "slurm_mib", "expected_gib", "where"),
+    [
+        (False, None, 8.0, "available here"),  # MemAvailable, not the 1 GiB MemFree
+        (True, None, 2.0, "left by this job's cgroup"),  # 4 GiB max - (3 GiB - 1 GiB cache)
+        (True, 1024, 1.0, "left of this Slurm job's memory"),  # less what this process holds
+    ],
+)
+def test_free_memory_is_the_least_of_meminfo_cgroup_and_slurm(
+    monkeypatch, tmp_path, cgroup, slurm_mib, expected_gib, where
+):
+    write(
+        tmp_path / "meminfo",
+        f"MemTotal: {16 * 2**20} kB\nMemFree: {2**20} kB\nMemAvailable: {8 * 2**20} kB\n",
+    )
+    root = tmp_path / "cgroup"
+    write(root / "memory.max", "max\n")  # the root: no limit
+    if cgroup:
+        write(root / "job_1" / "memory.max", f"{4 * GIB}\n")
+        write(root / "job_1" / "memory.current", f"{3 * GIB}\n")
+        write(root / "job_1" / "memory.stat", f"anon {2 * GIB}\ninactive_file {GIB}\n")
+        write(root / "job_1" / "step_0" / "memory.max", "max\n")
+    write(tmp_path / "self_cgroup", "0::/job_1/step_0\n" if cgroup else "0::/\n")
+    monkeypatch.setattr(device, "MEMINFO", tmp_path / "meminfo")
+    monkeypatch.setattr(device, "CGROUP_ROOT", root)
+    monkeypatch.setattr(device, "OWN_CGROUP", tmp_path / "self_cgroup")
+    for name in ("SLURM_MEM_PER_NODE", "SLURM_MEM_PER_CPU"):
+        monkeypatch.delenv(name, raising=False)
+    if slurm_mib is not None:
+        monkeypatch.setenv("SLURM_MEM_PER_NODE", str(slurm_mib))
+    free, said = device.free_memory("cpu")
+    assert said == where
+    if slurm_mib is None:
+        assert free == expected_gib * GIB
+    else:  # the limit less this process's resident memory (a few hundred MiB with torch)
+        assert 0.2 * GIB < expected_gib * GIB - free < 0.99 * GIB
+
+
+def test_free_memory_without_meminfo_falls_back_to_free_pages(monkeypatch, tmp_path):
+    monkeypatch.setattr(device, "MEMINFO", tmp_path / "absent")
+    monkeypatch.setattr(device, "OWN_CGROUP", tmp_path / "absent")
+    monkeypatch.setattr(device, "CGROUP_ROOT", tmp_path)
+    monkeypatch.delenv("SLURM_MEM_PER_NODE", raising=False)
+    monkeypatch.delenv("SLURM_MEM_PER_CPU", raising=False)
+    free, said = device.free_memory("cpu")
+    assert said == "available here" and free > 0
