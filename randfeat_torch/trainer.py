@@ -514,7 +514,7 @@ class Loop:
                 if evaluate:
                     metrics = self._evaluate((step - first_step) / max(1e-9, step_time))
                     bar.set_postfix(test_error=f"{float(metrics['test_error'].mean()):.4g}")
-                if save:
+                if save or self.signal is not None:  # a signal during the evaluation too
                     self.record.checkpoint(self.state())
                     policy.saved()
                 if self.signal is not None:

@@ -6,6 +6,7 @@ The clock is the one that ``train(..., clock=...)`` is given: one second per ste
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from randfeat_torch.cli import load_config
 from randfeat_torch.config import ConfigError
 from randfeat_torch.data import Batches
 from randfeat_torch.record import CHECKPOINT_NAME, RunRecord
-from randfeat_torch.trainer import train
+from randfeat_torch.trainer import Loop, train
 from tests.test_resume import train_again, train_until_sigterm
 
 RUN = ("steps=30", "eval_every=10")
@@ -83,6 +84,33 @@ def test_sigterm_checkpoints_a_short_run_which_resumes_bit_identical(
     assert resumed.steps_done == 30 and saved_at == [13]
     assert_equal_runs(resumed, whole)
     assert not (tmp_path / "cut" / CHECKPOINT_NAME).exists()
+
+
+def test_sigterm_during_an_evaluation_checkpoints_that_step(
+    make_cfg, tmp_path, monkeypatch, saved_at
+):
+    """A signal that arrives while the loop evaluates step 20 (as on a cluster, at any time):
+    the loop stops after that evaluation with a checkpoint of step 20, and the rerun resumes
+    from it bit-identical, instead of starting again from step 0."""
+    cfg = make_cfg(*RUN)
+    whole = train(cfg, tmp_path / "whole", clock=StepClock(monkeypatch))
+    evaluate, calls = Loop._evaluate, []
+
+    def evaluate_then_signal(self, steps_per_s):
+        calls.append(steps_per_s)
+        metrics = evaluate(self, steps_per_s)
+        if len(calls) == 2:  # the loop evaluates steps 10, then 20 (step 0 before the loop)
+            signal.raise_signal(signal.SIGTERM)
+        return metrics
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Loop, "_evaluate", evaluate_then_signal)
+        cut = train(cfg, tmp_path / "cut", clock=StepClock(monkeypatch))
+    assert cut.status == "interrupted" and cut.steps_done == 20 and saved_at == [20]
+    resumed = train_again(cfg, tmp_path / "cut", clock=StepClock(monkeypatch))
+    record = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert record["resumed_from_step"] == 20
+    assert_equal_runs(resumed, whole)
 
 
 def test_the_clock_policy_checkpoints_every_so_many_seconds_and_never_at_the_end(
