@@ -8,6 +8,7 @@ sweep is checked on the host that submits it: a login node without a GPU may sub
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from omegaconf import DictConfig
 
 from randfeat_torch.config import ConfigError, exact_moments_apply
 from randfeat_torch.data import EVAL_ELEMENTS
-from randfeat_torch.kernels import kernel_memory_bytes
+from randfeat_torch.kernels import kernel_matrices, kernel_memory_bytes
 from randfeat_torch.models import ridge_feature_count
 from randfeat_torch.targets import target_memory_bytes
 
@@ -222,14 +223,17 @@ def check_machine(cfg: DictConfig) -> None:
     if cfg.optimizer.name != "ridge":
         return
     if cfg.model.name == "kernel":  # n_train x n_train float64 matrices (kernels.py)
-        need = kernel_memory_bytes(cfg)
-        if need > RIDGE_MEMORY_FRACTION * free:
+        need, room = kernel_memory_bytes(cfg), RIDGE_MEMORY_FRACTION * free
+        if need > room:
+            matrices = kernel_matrices(cfg)
+            largest = math.isqrt(int(room // (8 * matrices)))
             raise ConfigError(
                 "n_train",
                 cfg.n_train,
-                f"kernel ridge on {cfg.n_train} samples needs about {need / 2**30:.1f} GiB for "
-                f"its float64 kernel matrices, more than half of the {free / 2**30:.1f} GiB "
-                "free here; use a smaller n_train, or one positive penalty (one matrix)",
+                f"kernel ridge on {cfg.n_train} samples needs about {need / 2**30:.3g} GiB for "
+                f"its {matrices} float64 n_train x n_train matrices, more than half of the "
+                f"{free / 2**30:.3g} GiB {where}; n_train <= {largest} would fit"
+                + ("" if matrices == 1 else "; one positive penalty holds 1 matrix"),
             )
         return
     ridge_features = ridge_feature_count(cfg.model)

@@ -3,11 +3,16 @@ the number, through the command line (exit status 2)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from randfeat_torch import cli, device
+from randfeat_torch.cli import load_config
+from randfeat_torch.config import ConfigError
+from randfeat_torch.kernels import dual_ridge, kernel_spec
 from tests.conftest import SMALL
 
 GIB = 2**30
@@ -118,3 +123,42 @@ def test_free_memory_without_meminfo_falls_back_to_free_pages(monkeypatch, tmp_p
     monkeypatch.delenv("SLURM_MEM_PER_CPU", raising=False)
     free, said = device.free_memory("cpu")
     assert said == "available here" and free > 0
+
+
+@pytest.mark.parametrize(
+    ("penalty", "matrices"),
+    [("1e-6", 1), ("[1e-6,1e-3]", 2), ("gcv", 2), ("0", 4), ("[0,1e-3]", 5)],
+)
+def test_a_kernel_fit_that_does_not_fit_names_n_train_and_the_largest_that_does(
+    monkeypatch, capsys, penalty, matrices
+):
+    """Half of the free memory bounds the fit's float64 n_train x n_train matrices: the largest
+    n_train it names passes the check and one more sample does not."""
+    free = 4 * GIB
+    monkeypatch.setattr(device, "free_memory", lambda name: (free, "available here"))
+    largest = math.isqrt(free // 2 // (8 * matrices))
+    line = [*SMALL, "fit=nt_kernel", "d=4", f"optimizer.penalty={penalty}"]
+    cli.precheck([*line, f"n_train={largest}"])  # fits: no exit
+    with pytest.raises(SystemExit) as exit_info:
+        cli.precheck([*line, f"n_train={largest + 1}"])
+    assert exit_info.value.code == 2
+    text = capsys.readouterr().err.strip()
+    assert "\n" not in text
+    assert text.startswith(f"invalid config: n_train={largest + 1} (kernel ridge on ")
+    assert f"its {matrices} float64 n_train x n_train matrices" in text
+    assert f"n_train <= {largest} would fit" in text
+
+
+def test_a_failed_factor_whose_eigendecomposition_does_not_fit_names_the_penalty(monkeypatch):
+    """A positive penalty too small for a trusted Cholesky factor falls back to the
+    eigendecomposition, which the machine check did not count: where it does not fit, the run
+    is refused with the penalty and the numbers, before LAPACK allocates it."""
+    monkeypatch.setattr(device, "free_memory", lambda name: (1000, "available here"))
+    spec = kernel_spec(load_config([*SMALL, "fit=rf_kernel", "d=3", "n_train=50"]).model)
+    x = torch.randn(50, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x[25:] = x[:25]  # repeated inputs: K_c is singular, so a 1e-300 shift has no trusted factor
+    with pytest.raises(ConfigError, match=r"^invalid config: optimizer\.penalty=1e-300 \(the "):
+        dual_ridge(spec, x, x[:, 0], [1e-300], relative=True, degrees=False)
+    monkeypatch.setattr(device, "free_memory", lambda name: (2**40, "available here"))
+    fit = dual_ridge(spec, x, x[:, 0], [1e-300], relative=True, degrees=False)
+    assert fit.fallback
