@@ -4,7 +4,8 @@ machine for the session (installing slurm-wlm where it is missing) and stops it 
 Through ``hydra/launcher=slurm`` a sweep writes the records of the basic launcher, its jobs
 running the checkout's code; a job preempted (``scontrol requeue``, USR2, SIGTERM) or past its
 time limit is requeued and ends bit-identical to an uninterrupted run; a job that cannot finish
-ends the sweep with one summary and exit status 1, and the same command finishes it."""
+ends the sweep with one summary and exit status 1, and the same command finishes it;
+``device=cuda`` is checked on the node that runs the job, not at submission."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from tests.conftest import ROOT, SMALL
@@ -271,3 +273,18 @@ def test_a_job_that_cannot_finish_ends_the_sweep_with_one_summary_and_the_comman
     assert final[0]["status"] == "ok" and final[1]["status"] == "ok"
     assert (sweep / finished / "metrics.json").stat().st_mtime_ns == written  # skipped
     assert final[1]["resumed_from_step"] > 0
+
+
+def test_cuda_is_checked_on_the_node_that_runs_the_job_not_at_submission(slurm, tmp_path):
+    """``device=cuda`` submitted from a host without a GPU reaches the scheduler; on a node
+    without one the job refuses it with one sentence, in its record and in the summary."""
+    if torch.cuda.is_available():
+        pytest.skip("this node has a GPU: the job would run")
+    sweep = tmp_path / "sweep"
+    done = run_sweep(sweep, *SMALL, "threads=1", "device=cuda", "d=4", *SLURM, env=slurm)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    refusal = "invalid config: device=cuda (CUDA is not available here; allowed: auto, cpu)"
+    summary = done.stderr[done.stderr.index("1 of 1 jobs did not finish:") :]
+    assert f"ConfigError: {refusal}" in summary  # the job ran on the node, and said why there
+    (record,) = records(sweep).values()
+    assert record["status"] == "failed" and record["error"] == f"ConfigError: {refusal}"
