@@ -8,28 +8,34 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
+import re
+import shutil
+import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
 import hydra
 import torch
+from hydra import compose
 from hydra._internal.utils import get_args_parser
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from randfeat_torch.config import ConfigError, OutputError, UserError, validate
 from randfeat_torch.device import check_machine
 from randfeat_torch.paths import CONFIG_DIR, SWEEP_DIR_VARIABLE, register_resolvers
-from randfeat_torch.record import RECORD_NAME, finished_error, read_record
+from randfeat_torch.record import RECORD_NAME, check_unlocked, finished_error, read_record
 from randfeat_torch.sweeps import (
     BASIC_SWEEPER,
     check_jobs,
     compose_job,
+    hydra_configs,
     one_sentence,
     search_jobs,
     sweep_jobs,
@@ -56,46 +62,153 @@ def group_choices(choices: Mapping[str, Any]) -> dict[str, str]:
 
 def command_line(argv: list[str]) -> argparse.Namespace:
     """``argv`` read by Hydra's own parser of its command line; what it refuses raises
-    :class:`UserError` with argparse's sentence (not its usage text)."""
+    :class:`UserError` with argparse's sentence (not its usage text) and what to write."""
     parser = get_args_parser()
 
     def refuse(message: str) -> NoReturn:
+        flag = re.match(r"argument (-[\w-]+)", message)
         if message.startswith("unrecognized arguments"):
             message += " (the flags, such as -m, go before or after all the overrides)"
+        elif flag and "expected one argument" in message:
+            message += f" (write {flag[1]} VALUE)"
+        elif flag and "ignored explicit argument" in message:
+            message += f" (the flag takes no value: write {flag[1]} alone)"
         raise UserError(f"invalid command line: {message}")
 
     parser.error = refuse  # type: ignore[method-assign]
     return parser.parse_args(argv)
 
 
-def precheck(argv: list[str]) -> None:
+# Hydra runs one of these commands, and refuses two with a traceback.
+COMMANDS = {
+    "run": "--run",
+    "multirun": "--multirun",
+    "cfg": "--cfg",
+    "info": "--info",
+    "shell_completion": "--shell-completion",
+}
+
+
+def check_flags(args: argparse.Namespace, app_dir: Path) -> None:
+    """Refuse Hydra's flags that Hydra itself would refuse with a traceback or a few lines:
+    two commands, ``--resolve`` alone, a config name other than ``train``, a config folder or a
+    rerun file that is not there."""
+    given = [flag for dest, flag in COMMANDS.items() if getattr(args, dest) not in (None, False)]
+    if len(given) > 1:
+        raise UserError(
+            f"invalid command line: {' '.join(given)} (only one of "
+            f"{', '.join(COMMANDS.values())} at a time)"
+        )
+    if args.resolve and args.cfg is None:
+        raise UserError("invalid command line: --resolve (only with --cfg, as --cfg job --resolve)")
+    name = args.config_name
+    if name is not None and not args.config_path and name.removesuffix(".yaml") != "train":
+        raise ConfigError("--config-name", name, "allowed: train")
+    if args.config_path and not args.config_path.startswith("pkg://"):
+        folder = app_dir / args.config_path  # as Hydra reads it: relative to train.py's folder
+        config = f"{(name or 'train').removesuffix('.yaml')}.yaml"
+        if not (folder / config).is_file():
+            where = (
+                f"no such folder: {folder}"
+                if not folder.is_dir()
+                else f"{folder} holds no {config}"
+            )
+            raise ConfigError("--config-path", args.config_path, where)
+    if args.config_dir and not Path(args.config_dir).is_dir():
+        raise ConfigError("--config-dir", args.config_dir, "no such folder")
+    if args.experimental_rerun:
+        check_rerun(Path(args.experimental_rerun))
+
+
+def check_rerun(path: Path) -> None:
+    """``--experimental-rerun FILE``: the config a run pickled (Hydra's ``PickleJobInfoCallback``
+    writes ``.hydra/config.pickle``), which Hydra then runs again, ignoring the overrides."""
+    allowed = "allowed: the .hydra/config.pickle of a run made with Hydra's PickleJobInfoCallback"
+    if not path.is_file():
+        raise ConfigError("--experimental-rerun", str(path), f"no such file; {allowed}")
+    try:
+        with path.open("rb") as saved:
+            config = pickle.load(saved)  # as Hydra loads it next
+    except Exception as error:
+        why = f"{type(error).__name__}: {error}".splitlines()[0]
+        raise ConfigError(
+            "--experimental-rerun", str(path), f"not a pickle ({why}); {allowed}"
+        ) from None
+    if not isinstance(config, DictConfig) or "hydra" not in config:
+        raise ConfigError("--experimental-rerun", str(path), f"not a run's config; {allowed}")
+
+
+def check_package(overrides: list[str], shown: str, package: str) -> None:
+    """``--cfg job --package KEY``: Hydra prints the node at KEY, and exits 1 without one."""
+    if package == "_global_":
+        return
+    with one_sentence(overrides), hydra_configs():
+        cfg = compose("train", overrides, return_hydra_config=True)
+        keys = {"job": [k for k in cfg if k != "hydra"], "hydra": ["hydra"]}.get(shown, list(cfg))
+        found = package.split(".")[0] in keys and OmegaConf.select(cfg, package) is not None
+    if not found:
+        allowed = f"allowed: {', '.join(keys)} or a key inside one, or _global_ for all"
+        raise ConfigError("--package", package, f"no such key in --cfg {shown}; {allowed}")
+
+
+def run_mode(overrides: list[str], multirun: bool) -> bool:
+    """Whether Hydra runs a multirun: ``hydra.mode=MULTIRUN`` or ``RUN`` decides over -m."""
+    for override in reversed(overrides):
+        key, _, value = override.partition("=")
+        if key.lstrip("+") == "hydra.mode" and value.upper() in ("RUN", "MULTIRUN"):
+            return value.upper() == "MULTIRUN"
+    return multirun
+
+
+def precheck(argv: list[str], app_dir: Path = CONFIG_DIR.parent) -> None:
     """Check a command line before Hydra creates anything. A multirun: every job its sweeper
     will launch (:func:`randfeat_torch.sweeps.sweep_jobs`; for a sweeper that picks its own
     jobs, each value of its search space), values only, as the machine that runs a job checks
     the machine in the job. A single run: its values, and this machine, which runs it. A bad
     flag, value, type, key, option or override (Hydra's own included): one sentence on stderr
     and exit status 2. ``--cfg`` and ``--info`` have their overrides composed, not checked;
-    ``--config-path`` and ``--config-dir`` bring configs that only Hydra composes."""
+    ``--config-path`` and ``--config-dir`` bring configs that only Hydra composes (their folders
+    are checked; ``app_dir``: where a relative ``--config-path`` starts, train.py's folder)."""
     try:
         args = command_line(argv)
-        if args.help or args.hydra_help or args.shell_completion or args.experimental_rerun:
+        if args.help or args.hydra_help or args.shell_completion:
             return
-        if args.config_path or args.config_dir:
+        check_flags(args, app_dir)
+        if args.experimental_rerun or args.config_path or args.config_dir:
             return
-        if (args.config_name or "train").removesuffix(".yaml") != "train":
-            raise ConfigError("--config-name", args.config_name, "allowed: train")
-        overrides, multirun = args.overrides, args.multirun
-        if args.cfg or args.info:
+        overrides, multirun = args.overrides, run_mode(args.overrides, args.multirun)
+        if args.cfg and args.package:
+            check_package(overrides, args.cfg, args.package)
+        elif args.cfg or args.info:
             sweeper_of(overrides)  # composes the config it shows
         elif not multirun:
             check_machine(load_config(overrides))
         elif sweeper_of(overrides) == BASIC_SWEEPER:
-            check_jobs(sweep_jobs(overrides))
+            jobs = sweep_jobs(overrides)
+            check_subdir(overrides, len(jobs))
+            check_jobs(jobs)
         else:
             check_jobs(search_jobs(overrides))
     except UserError as error:
         print(error, file=sys.stderr)
         sys.exit(2)
+
+
+def check_subdir(overrides: list[str], jobs: int) -> None:
+    """A ``hydra.sweep.subdir`` the same for every job puts them all in one folder, where each
+    job finds the record of the one before and skips: refused for a sweep of several jobs."""
+    for override in reversed(overrides):
+        key, _, value = override.partition("=")
+        if key.lstrip("+") == "hydra.sweep.subdir":
+            if jobs > 1 and "${" not in value:
+                raise ConfigError(
+                    key,
+                    value,
+                    f"the {jobs} jobs of this sweep would share one folder, where each finds the "
+                    "record of the one before and skips; allowed: a name that differs by job, "
+                    "as ${hydra.job.num} or ${hydra.job.override_dirname}",
+                )
+            return
 
 
 def summary_line(cfg: DictConfig, result: RunResult) -> str:
@@ -115,29 +228,84 @@ def summary_line(cfg: DictConfig, result: RunResult) -> str:
 
 
 class CheckRunDir(Callback):
-    """Refuses a single run's output dir that cannot be written, before Hydra creates it
-    (``hydra.callbacks``; the values were checked by :func:`precheck`)."""
+    """Refuses a single run's output dir that cannot be written, before Hydra creates it, or
+    that another process runs in, before Hydra rewrites its ``.hydra/`` (``hydra.callbacks``;
+    the values were checked by :func:`precheck`)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            check_writable(Path(config.hydra.run.dir))
-        except UserError as error:
-            print(error, file=sys.stderr)
-            sys.exit(2)
+        refuse_in_callback(check_output_dir, config, "hydra.run.dir")
+        refuse_in_callback(check_unlocked, Path(config.hydra.run.dir))  # before .hydra/ is saved
 
 
 class FixSweepDir(Callback):
     """Fixes the sweep folder, derived from the sweep's overrides, for all of its jobs, and
-    refuses one that cannot be written before Hydra creates it."""
+    refuses one that cannot be written, or a Slurm launcher without a cluster, before Hydra
+    creates it."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         os.environ.pop(SWEEP_DIR_VARIABLE, None)
         os.environ[SWEEP_DIR_VARIABLE] = str(config.hydra.sweep.dir)
-        try:
-            check_writable(Path(config.hydra.sweep.dir))
-        except UserError as error:
-            print(error, file=sys.stderr)
-            sys.exit(2)
+        refuse_in_callback(check_slurm, config)
+        refuse_in_callback(check_output_dir, config, "hydra.sweep.dir")
+
+
+def refuse_in_callback(check: Callable[..., None], *args: Any) -> None:
+    """Run a check where Hydra calls our callbacks: its refusal is one sentence and exit 2."""
+    try:
+        check(*args)
+    except UserError as error:
+        print(error, file=sys.stderr)
+        sys.exit(2)
+
+
+def check_output_dir(config: DictConfig, key: str) -> None:
+    """The folder at ``key`` (``hydra.run.dir``, ``hydra.sweep.dir``) can be written, and is not
+    empty (which would write the run's files among the working directory's). One that the
+    command line set is refused naming the key; a derived one, naming the folder."""
+    folder = str(OmegaConf.select(config, key))
+    hydra_overrides = OmegaConf.select(config, "hydra.overrides.hydra", default=None) or []
+    typed = any(o.lstrip("+").startswith(f"{key}=") for o in hydra_overrides)
+    if not folder.strip():
+        raise ConfigError(
+            key,
+            folder,
+            "an empty folder puts the run's files among the working directory's; allowed: a "
+            f"folder, as {key}=outputs/mine, or {key}=. to mean this one",
+        )
+    try:
+        check_writable(Path(folder))
+    except OutputError as error:
+        if not typed:
+            raise
+        why = f"the folder {error.reason}" + (f": {error.cause}" if error.cause else "")
+        raise ConfigError(key, folder, f"{why}; allowed: a folder that can be written") from None
+
+
+def check_slurm(config: DictConfig) -> None:
+    """A Slurm launcher needs a cluster that answers here (``sinfo``), else it fails in
+    submitit's first ``sbatch``, after the sweep folder was made, with a traceback."""
+    launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
+    if "SlurmLauncher" not in launcher:
+        return
+    choice = OmegaConf.select(config, "hydra.runtime.choices", default={}).get("hydra/launcher")
+    try:
+        answer = subprocess.run(
+            ["sinfo", "--noheader", "--format=%P"], capture_output=True, text=True, timeout=60
+        )
+        lines = (answer.stderr or answer.stdout).strip().splitlines() or ["sinfo failed"]
+        why = None if answer.returncode == 0 else re.sub(r"^sinfo: \w+: ", "", lines[-1])
+    except FileNotFoundError:
+        why = None if shutil.which("sbatch") else "sbatch is not on this machine's PATH"
+    except subprocess.TimeoutExpired:
+        why = "sinfo had no answer in 60 s"
+    if why:
+        raise ConfigError(
+            "hydra/launcher",
+            choice or launcher,
+            f"no Slurm cluster answers here: {why}; allowed: another hydra/launcher, or this "
+            "command where sinfo answers, on a login node or with the SLURM_CONF that "
+            "scripts/slurm_local.sh start prints",
+        )
 
 
 def check_writable(run_dir: Path) -> None:
@@ -147,14 +315,14 @@ def check_writable(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         ok = os.access(run_dir, os.W_OK | os.X_OK)
-        reason = "is not writable"
+        reason, cause = "is not writable", ""
     except OSError as error:
-        ok, reason = False, f"cannot be created ({error.strerror})"
+        ok, reason, cause = False, "cannot be created", error.strerror or str(error)
     if not ok:
         for folder in missing:  # leave nothing behind: the folders made here, deepest first
             if os.path.isdir(folder):
                 folder.rmdir()
-        raise OutputError(run_dir, reason)
+        raise OutputError(run_dir, reason, cause)
 
 
 class ThreadsPerWorker(Callback):
@@ -259,5 +427,5 @@ def main() -> None:
     if not (CONFIG_DIR / "train.yaml").is_file():
         sys.exit(f"randfeat-train: no configs at {CONFIG_DIR}; install with 'pip install -e .'")
     register_resolvers()
-    precheck(sys.argv[1:])
+    precheck(sys.argv[1:], Path(__file__).parent)  # a relative --config-path starts here
     hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")(run)()

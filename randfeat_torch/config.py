@@ -80,9 +80,10 @@ class CheckpointError(UserError):
 class OutputError(UserError):
     """A run folder that cannot be created or written."""
 
-    def __init__(self, path: Any, reason: str) -> None:
-        self.path = path
-        super().__init__(f"cannot write the outputs of this run in {path}: it {reason}")
+    def __init__(self, path: Any, reason: str, cause: str = "") -> None:
+        self.path, self.reason, self.cause = path, reason, cause
+        because = f" ({cause})" if cause else ""
+        super().__init__(f"cannot write the outputs of this run in {path}: it {reason}{because}")
 
 
 class DataError(UserError):
@@ -303,6 +304,9 @@ def _get(cfg: DictConfig, key: str) -> Any:
     return node
 
 
+THREADS_MAX = 1024  # torch.set_num_threads: 30000 fail to start here, 100000 crash
+
+
 def validate(cfg: DictConfig) -> None:
     """Check values and combinations; raise :class:`ConfigError` on the first bad one."""
     ridge = cfg.optimizer.name == "ridge"
@@ -331,6 +335,13 @@ def validate(cfg: DictConfig) -> None:
     _int_at_least(cfg, "lazy_probe", 0, " (0: no laziness measures)")
     if cfg.threads is not None:
         _int_at_least(cfg, "threads", 1)
+        if cfg.threads > THREADS_MAX:
+            raise ConfigError(
+                "threads",
+                cfg.threads,
+                f"must be in 1..{THREADS_MAX}: torch starts that many threads, and past some "
+                "thousands a machine cannot: 30000 failed to start here, 100000 crashed",
+            )
     for key, top in (("target.d", "d"), ("model.d", "d"), ("model.width", "width")):
         if _get(cfg, key) != cfg[top]:
             raise ConfigError(
@@ -343,14 +354,28 @@ def validate(cfg: DictConfig) -> None:
     _validate_optimizer(cfg)
 
 
+# A ReLU neuron's labels reach about 6 norm + |bias| on 10^4 Gaussian inputs; in float32 their
+# squares, and the batches' sums of them, overflow past 1e19 (norm=1e20 diverges at step 1).
+LABEL_SCALE_MAX = 1e15
+
+
 def _validate_target(cfg: DictConfig) -> None:
     target = cfg.target
     _one_of(cfg, "target.name", TARGETS)
     _int_at_least(cfg, "target.seed", 0)
     if target.name in ("relu_neuron", "zigzag"):
         _positive(cfg, "target.norm")
-    if target.name == "relu_neuron" and not math.isfinite(target.bias):
-        raise ConfigError("target.bias", target.bias, "must be a finite number")
+    if target.name == "relu_neuron":
+        top = f"{LABEL_SCALE_MAX:.0e}".replace("e+", "e")
+        for key, low, shown in (("target.norm", 0, "(0"), ("target.bias", -LABEL_SCALE_MAX, "[-")):
+            value = _get(cfg, key)
+            if not (math.isfinite(value) and low <= value <= LABEL_SCALE_MAX):
+                raise ConfigError(
+                    key,
+                    value,
+                    f"must be a finite number in {shown}{top if low else ''}, {top}]: the labels "
+                    "are float32, whose squares overflow past 3.4e38",
+                )
     if target.name == "zigzag" and (target.a < 1 or target.a % 2 == 0):
         raise ConfigError(
             "target.a", target.a, "must be an odd integer >= 1, so that psi_a is flat for |z| > a"
@@ -494,7 +519,8 @@ def _validate_optimizer(cfg: DictConfig) -> None:
             raise ConfigError(
                 "optimizer.grad_precision",
                 list(opt.grad_precision),
-                f"a list needs one precision per replica: {cfg.replicas} numbers (0: exact)",
+                f"a list needs one precision per replica: {cfg.replicas} "
+                f"number{'s' * (cfg.replicas > 1)} (0: exact)",
             )
         for i in range(cfg.replicas):
             _positive(cfg, f"optimizer.grad_precision.{i}", allow_zero=True)
@@ -525,7 +551,9 @@ def _validate_lr(cfg: DictConfig) -> None:
         return
     if len(lr) != cfg.replicas:
         raise ConfigError(
-            "optimizer.lr", list(lr), f"a list needs one rate per replica: {cfg.replicas} numbers"
+            "optimizer.lr",
+            list(lr),
+            f"a list needs one rate per replica: {cfg.replicas} number{'s' * (cfg.replicas > 1)}",
         )
     for i in range(len(lr)):
         _positive(cfg, f"optimizer.lr.{i}")

@@ -242,7 +242,8 @@ def check_machine(cfg: DictConfig) -> None:
         raise ConfigError(
             "width",
             cfg.width,
-            f"ridge on {ridge_features} features x {cfg.replicas} replicas needs about "
-            f"{need / 2**30:.1f} GiB for its float64 Gram matrices, more than half of the "
-            f"{free / 2**30:.1f} GiB free here; use a smaller width, d or replicas",
+            f"ridge on {ridge_features} features x {cfg.replicas} "
+            f"replica{'s' * (cfg.replicas > 1)} needs about {need / 2**30:.3g} GiB for its "
+            f"float64 Gram matrices, more than half of the {free / 2**30:.3g} GiB {where}; use "
+            "a smaller width, d or replicas",
         )

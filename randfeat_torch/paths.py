@@ -30,10 +30,12 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 CALC_LIMIT = 2**1024
 
 
-def calc(expression: str) -> int | float:
+def calc(expression: str = "") -> int | float:
     """Arithmetic for configs, e.g. ``a: ${calc:6*${d}**2+1}``: numbers, + - * / // % ** and
     parentheses only (nothing is executed). A whole-number result is an int (a width, say).
     Every number on the way stays below 2**1024 (about 1.8e308) in magnitude, or ValueError."""
+    if not str(expression).strip():  # ${calc:}
+        raise ValueError("calc: no expression; write one after the colon, as ${calc:2*${d}}")
     shown = str(expression) if len(str(expression)) <= 80 else f"{str(expression)[:60]}..."
     too_large = ValueError(f"calc: {shown} is too large: its numbers must stay below 1.8e308")
     not_arithmetic = ValueError(

@@ -6,6 +6,7 @@ only; the TensorBoard file is for looking at curves.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import json
@@ -14,12 +15,14 @@ import os
 import platform
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 from omegaconf import DictConfig
+from tensorboard.summary.writer import event_file_writer
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
@@ -113,9 +116,23 @@ def atomic_write(
             if durable:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        cause = _os_error_in(error) if isinstance(error, Exception) else None
+        if cause is not None and cause is not error:  # torch.save wraps ENOSPC in a RuntimeError
+            raise cause from error
         raise
+
+
+def _os_error_in(error: BaseException | None) -> OSError | None:
+    """The OSError that ``error`` is, or that it was raised from or while handling."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def atomic_write_json(path: Path, data: dict[str, Any], durable: bool = True) -> None:
@@ -124,21 +141,29 @@ def atomic_write_json(path: Path, data: dict[str, Any], durable: bool = True) ->
 
 
 def read_record(run_dir: Path) -> dict[str, Any] | None:
-    """The run record in ``run_dir``, or None if there is none or it cannot be read."""
+    """The run record in ``run_dir``, or None if there is none, it cannot be read or it is not
+    a JSON object."""
     try:
-        return json.loads((Path(run_dir) / RECORD_NAME).read_text())
+        record = json.loads((Path(run_dir) / RECORD_NAME).read_text())
     except (OSError, ValueError):
         return None
+    return record if isinstance(record, dict) else None
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def finished_error(record: dict[str, Any] | None) -> float | None:
-    """The mean final test error of a record that says the run finished (``ok`` with a test
-    error), else None: such a run is skipped on a rerun, any other is trained (again)."""
-    if not record or record.get("status") != "ok":
+    """The mean final test error of a record that says the run finished (``ok`` with a finite
+    test error for every replica), else None: such a run is skipped on a rerun, any other is
+    trained (again)."""
+    if not isinstance(record, dict) or record.get("status") != "ok":
         return None
-    errors = (record.get("metrics") or {}).get("test_error")
+    metrics = record.get("metrics")
+    errors = metrics.get("test_error") if isinstance(metrics, dict) else None
     values = errors if isinstance(errors, list) else [errors]
-    if not values or not all(isinstance(v, (int, float)) for v in values):
+    if not values or not all(_is_number(v) for v in values):
         return None
     return sum(values) / len(values)
 
@@ -184,6 +209,23 @@ class RunLock:
             self.fd = None
 
 
+def check_unlocked(run_dir: Path) -> None:
+    """Raise :class:`RunLocked` where another process holds ``run_dir`` (a shared ``flock``
+    probe of its lock file, released at once), creating nothing: Hydra can then be stopped
+    before it rewrites the folder's ``.hydra/``."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
+    except OSError:  # no lock file (no run there yet), or a folder we cannot read
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+        raise RunLocked(Path(run_dir), holder) from None
+    finally:
+        os.close(fd)  # releases the probe
+
+
 def mark_failed(run_dir: Path, config: dict[str, Any], error: BaseException) -> None:
     """A run that raised before its record was opened leaves one saying ``failed``, with the
     error; a record already there (written by the run, or by an earlier run) is left as it is."""
@@ -192,6 +234,23 @@ def mark_failed(run_dir: Path, config: dict[str, Any], error: BaseException) -> 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     record = {"status": "failed", "error": f"{type(error).__name__}: {error}", "config": config}
     atomic_write_json(Path(run_dir) / RECORD_NAME, record)
+
+
+def mark_interrupted(run_dir: Path, config: dict[str, Any], signal_name: str) -> None:
+    """A run stopped by a signal before its loop (set-up): the record says ``interrupted``,
+    with ``interrupted_by``, where there was none or where one said ``running`` (left by this
+    run, or by a process killed before); any other is left as it is, and so is a folder that
+    another process holds. Best effort: a write that fails leaves the record as it was."""
+    try:
+        with RunLock(run_dir):
+            record = read_record(run_dir)
+            if record is not None and record.get("status") != "running":
+                return
+            stopped = {"status": "interrupted", "interrupted_by": signal_name}
+            record = {**stopped, "config": config} if record is None else record | stopped
+            atomic_write_json(Path(run_dir) / RECORD_NAME, record)
+    except (RunLocked, OSError):
+        return  # another process runs there, or the disk refuses the record
 
 
 @functools.cache
@@ -249,9 +308,16 @@ def load_checkpoint(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | N
         return None
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        saved = checkpoint["config"]
     except Exception as error:  # unpickling raises many types on a damaged file
         raise CheckpointError(path, f"is corrupt or truncated ({type(error).__name__})") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("config"), dict):
+        held = (
+            f"a dict of the keys {', '.join(sorted(map(str, checkpoint)))[:200]}"
+            if isinstance(checkpoint, dict)
+            else f"a {type(checkpoint).__name__}"
+        )
+        raise CheckpointError(path, f"is not a checkpoint of a run but {held}")
+    saved = checkpoint["config"]
     if checkpoint.get("version") != CHECKPOINT_VERSION:
         version = checkpoint.get("version")
         raise CheckpointError(
@@ -287,6 +353,23 @@ def hparams_of(cfg: DictConfig) -> dict[str, object]:
     }
 
 
+def _quiet_writer_threads() -> None:
+    """TensorBoard's writer thread keeps a write that failed (a full disk) for the main thread,
+    which raises it at the next flush, and also lets it end the thread, whose traceback Python
+    prints: that print is dropped, so that the run's one sentence says what happened."""
+    hook = threading.excepthook
+    if getattr(hook, "quiet_tensorboard", False):
+        return
+
+    def quiet(args: threading.ExceptHookArgs) -> None:
+        writer_thread = type(args.thread).__module__ == event_file_writer.__name__
+        if not (writer_thread and isinstance(args.exc_value, OSError)):
+            hook(args)
+
+    quiet.quiet_tensorboard = True  # type: ignore[attr-defined]
+    threading.excepthook = quiet
+
+
 class RunRecord:
     """Writes one run's TensorBoard scalars, hparams entry and ``metrics.json``."""
 
@@ -298,7 +381,9 @@ class RunRecord:
         checkpoint: dict[str, Any] | None = None,
     ):
         """With a ``checkpoint``, TensorBoard drops what was logged after its step, so that
-        the resumed series continue without duplicated steps."""
+        the resumed series continue without duplicated steps. The event file is opened at the
+        first scalar, after the record's first write, so that a full disk refuses the record
+        (one sentence) before TensorBoard's writer thread meets it."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / RECORD_NAME
@@ -307,10 +392,12 @@ class RunRecord:
         self.resumed_from = resumed
         # A fresh start over event files of a run killed before its first checkpoint drops them.
         earlier = any(self.run_dir.glob("events.out.tfevents.*"))
-        purge = resumed + 1 if resumed is not None else 0 if earlier else None
-        self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge)
-        if resumed is None:
-            self.writer.add_custom_scalars(LAYOUT)
+        self.purge_step = resumed + 1 if resumed is not None else 0 if earlier else None
+        self._writer: SummaryWriter | None = None
+        # What a failed write falls back to (see fall_back): an interrupted run's record.
+        before = read_record(self.run_dir)
+        self.before = before if before and before.get("status") == "interrupted" else None
+        self.written = False  # whether this run has written its record yet
         self.record: dict[str, Any] = {
             "status": "running",
             "config": config,
@@ -324,6 +411,16 @@ class RunRecord:
             "host": platform.node(),
             "resumed_from_step": resumed,
         }
+
+    @property
+    def writer(self) -> SummaryWriter:
+        """The run's TensorBoard writer, opened at its first use."""
+        if self._writer is None:
+            _quiet_writer_threads()
+            self._writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=self.purge_step)
+            if self.resumed_from is None:
+                self._writer.add_custom_scalars(LAYOUT)
+        return self._writer
 
     def log_eval(self, step: int, metrics: dict[str, torch.Tensor]) -> None:
         """Scalars at ``step``: one series per replica (suffix ``/replica_r``) when R > 1."""
@@ -409,9 +506,23 @@ class RunRecord:
         self.record["status"] = status
         self.update(**fields)
         atomic_write_json(self.path, self.record, durable=status != "running")
+        self.written = True
+
+    def fall_back(self, error: OSError) -> None:
+        """After a write that failed (a full disk), a resumed run's record goes back to the one
+        it resumed from (``interrupted``, in step with the checkpoint, which stays); any other
+        says ``failed``, with the error. Best effort: where that too cannot be written, the
+        last record written stays."""
+        if not self.written:
+            return  # the record is still the one from before this run
+        failed = {**self.record, "status": "failed", "error": f"{type(error).__name__}: {error}"}
+        with contextlib.suppress(OSError):
+            atomic_write_json(self.path, self.before or failed)
 
     def close(self, final: dict[str, torch.Tensor] | None, step: int) -> None:
         """Write the hparams entry (mean over replicas of the final metrics) and close."""
+        if final is None and self._writer is None:
+            return  # nothing was logged
         if final is not None:
             metric_dict = {}
             for name in (m for m in METRICS if m in final):

@@ -29,7 +29,7 @@ from hydra.errors import (
     MissingConfigException,
     OverrideParseException,
 )
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import BooleanNode, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from randfeat_torch.config import GROUPS, ConfigError, validate
@@ -62,7 +62,7 @@ class OverrideError(ConfigError):
 
     def __init__(self, override: str, allowed: str) -> None:
         super().__init__(override, "", allowed)
-        self.args = (f"invalid config: {override} ({allowed})",)
+        self.args = (f"invalid config: {override or repr(override)} ({allowed})",)
 
 
 def group_options(group: str) -> list[str]:
@@ -140,6 +140,12 @@ def rephrase(reason: str, key: str, value: str) -> str:
         return "allowed: " + reason.partition("expected one of [")[2].rstrip("]")
     if bare in GROUPS and not re.fullmatch(r"[\w.-]*", value):
         return f"allowed: {', '.join(group_options(bare))}"
+    if reason.startswith("Invalid value assigned: ") and "is not a ListConfig" in reason:
+        return f"must be a list, written in brackets: {bare}=[a,b]"
+    if reason.startswith("Cannot assign ") and " to Dict[" in reason:
+        return f"holds keys, not a value: set one of them, as +{bare}.NAME={value}"
+    if re.fullmatch(r"field '[\w.]+' is not Optional", reason):
+        return "cannot be null; allowed: a value of its type, which --cfg job shows"
     if reason.startswith("Could not append to config"):
         return f"the key has a value already, so set it without the +: {bare}={value}"
     if reason.startswith("Multiple values for"):
@@ -186,6 +192,16 @@ def one_sentence(overrides: list[str]) -> Iterator[None]:
                 (o.partition("=")[2] for o in reversed(overrides) if o.startswith(f"{key}=")), "?"
             )
             raise ConfigError(key, value, no_such_key(key, value, cause.object_type)) from None
+        below = next((o for o in overrides if key and o.lstrip("+").startswith(f"{key}.")), None)
+        if (
+            below
+            and "of type 'dict'" in reason
+            and not any(o.lstrip("+").startswith(f"{key}=") for o in overrides)
+        ):  # d.x=1: OmegaConf tried to put {x: 1} in d
+            typed, _, value = below.partition("=")
+            raise ConfigError(
+                typed, value, f"no such key: {key} holds a value, not keys; set it as {key}=VALUE"
+            ) from None
         # the last override of the key is the one Hydra applied
         line = next(
             (o for o in reversed(overrides) if key and o.lstrip("+~").startswith(f"{key}=")),
@@ -210,11 +226,52 @@ def compose_job(overrides: list[str]) -> DictConfig:
     """train.yaml composed with one job's ``overrides``, as the job composes it (not validated);
     bad overrides raise :class:`ConfigError`."""
     with one_sentence(overrides), hydra_configs():
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+        check_groups(parsed)
         cfg = compose("train", overrides)
         if any(is_hydra_override(o) and o.startswith(("+", "~")) for o in overrides):
             check_keys(compose("train", overrides, return_hydra_config=True), overrides)
     check_keys(cfg, overrides)
+    for override in parsed:
+        check_boolean(cfg, override)
     return cfg
+
+
+def check_groups(overrides: list[Override]) -> None:
+    """An option of one of our config groups is the name of one of its YAML files (``.yaml``
+    may follow, as Hydra reads it): not a path, which Hydra would read from another group's
+    folder (``target=../model/frozen``), nor null."""
+    for o in overrides:
+        key = o.key_or_group
+        if key not in GROUPS or o.package is not None or o.is_delete() or o.is_sweep_override():
+            continue
+        value, options = o.value(), group_options(key)
+        if value is None or (isinstance(value, str) and value.removesuffix(".yaml") not in options):
+            why = "a config group takes one of its options, not null; " if value is None else ""
+            typed, _, shown = o.input_line.partition("=")
+            raise ConfigError(typed, shown, f"{why}allowed: {', '.join(options)}")
+
+
+# What OmegaConf reads as a boolean, beside any integer (so that compile=2 would be true).
+BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off", "y", "n", "0", "1")
+
+
+def check_boolean(cfg: DictConfig, override: Override) -> None:
+    """A boolean key is set to true or false (OmegaConf's words for them, or 0 and 1): OmegaConf
+    reads any other integer as true, so that ``resume=2`` would pass for a typo."""
+    if override.is_sweep_override() or override.is_delete() or override.package is not None:
+        return
+    node: Any = cfg
+    for part in override.key_or_group.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return
+        node = node._get_node(part)
+    value = override.value()
+    if not isinstance(node, BooleanNode) or isinstance(value, bool):
+        return
+    if str(value).lower() not in BOOLEAN_WORDS and not str(value).startswith("${"):
+        typed, _, shown = override.input_line.partition("=")
+        raise ConfigError(typed, shown, "must be a boolean; allowed: true, false")
 
 
 def check_keys(cfg: DictConfig, overrides: list[str]) -> None:
@@ -262,14 +319,15 @@ def expand(
     parser = parser or OverridesParser.create()
     overrides = parser.parse_overrides([*params, *task])
     for o in overrides:
-        if (
-            o.is_sweep_override()
-            and not o.is_interval_sweep()
-            and not list(o.sweep_string_iterator())
-        ):
-            key = o.get_key_element()
+        if not o.is_sweep_override() or o.is_interval_sweep():
+            continue
+        key, value = o.get_key_element(), o.input_line.partition("=")[2]
+        try:
+            values = list(o.sweep_string_iterator())
+        except ValueError as error:  # range(1,5,0)
+            raise ConfigError(key, value, f"cannot be expanded: {error}") from None
+        if not values:
             why = f"matches no option; allowed: {', '.join(group_options(key))}"
-            value = o.input_line.partition("=")[2]
             raise ConfigError(key, value, why if key in GROUPS else "gives no values")
     batches = BasicSweeper.split_arguments(overrides, None)
     return [job for batch in batches for job in batch]
@@ -307,7 +365,9 @@ def search_jobs(overrides: list[str]) -> list[list[str]]:
 def primary_config(parser: OverridesParser, overrides: list[str]) -> DictConfig:
     """The config a multirun starts from, Hydra's included: composed without the sweep
     overrides, as Hydra composes it before its sweeper expands them."""
-    fixed = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
+    kept = [o for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
+    check_groups(kept)
+    fixed = [o.input_line for o in kept]
     cfg = compose("train", fixed, return_hydra_config=True)
     check_keys(cfg, fixed)
     return cfg
@@ -367,6 +427,7 @@ class Composer:
         cfg = copy.deepcopy(self.picks[groups])
         try:
             for o in values:
+                check_boolean(cfg, o)
                 OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
         except OmegaConfBaseException:
             return self.compose(list(overrides))

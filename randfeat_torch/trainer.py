@@ -10,6 +10,7 @@ gradient of its own loss; the error reported everywhere is the normalised test e
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import sys
@@ -43,6 +44,7 @@ from randfeat_torch.record import (
     hparams_of,
     load_checkpoint,
     mark_failed,
+    mark_interrupted,
 )
 from randfeat_torch.solvers import (
     POPULATION_FACTORS,
@@ -170,26 +172,35 @@ def train(
     With ``resume`` and a checkpoint in ``run_dir``, the run continues from it and ends with
     the metrics an uninterrupted run would have (bit-identical on CPU). SIGTERM or SIGINT
     during the loop: a checkpoint, status ``interrupted``, and a result saying which signal;
-    during set-up or a closed-form fit: :class:`Interrupted` (the record, where there is one,
-    says ``interrupted``). One process at a time may run in ``run_dir`` (:class:`RunLock`).
+    during set-up or a closed-form fit: :class:`Interrupted`, and a record saying
+    ``interrupted`` where there was none or one said ``running`` (:func:`mark_interrupted`).
+    One process at a time may run in ``run_dir`` (:class:`RunLock`).
 
     A run that raises leaves a record with status ``failed`` and the error (this is the one
     place that records failures; one that fails before it starts, say on a value the data
     refuse, leaves such a record only where there is none yet: an earlier run's stays). A
-    write that fails (a full disk) leaves the last record written as it was."""
+    write that fails (a full disk) raises its OSError and leaves the checkpoint, and the
+    record in its last good state: a resumed run's as it was (:meth:`RunRecord.fall_back`)."""
     run_dir = Path(run_dir)
     try:
         with interrupts_raise():
             return _train(cfg, run_dir, choices, clock)
+    except Interrupted as stop:
+        mark_interrupted(run_dir, _config_of(cfg), signal.Signals(stop.signum).name)
+        raise
     except (OSError, RunLocked, CheckpointError):
         raise  # nothing to add to the record: it keeps its last good state
     except Exception as error:
-        try:
-            config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-        except Exception:  # an interpolation that cannot resolve: record it as written
-            config = OmegaConf.to_container(cfg, enum_to_str=True)
-        mark_failed(run_dir, config, error)
+        mark_failed(run_dir, _config_of(cfg), error)
         raise
+
+
+def _config_of(cfg: DictConfig) -> dict:
+    """The resolved config for a record; one whose interpolation cannot resolve, as written."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    except Exception:
+        return OmegaConf.to_container(cfg, enum_to_str=True)
 
 
 def _train(
@@ -233,30 +244,31 @@ def _fit(
     choices: dict[str, str] | None,
     start: float,
 ) -> RunResult:
-    """Fit with the loop or, without one, by ridge, and close the record."""
+    """Fit with the loop or, without one, by ridge, and close the record. From the record's
+    first write on, a signal leaves it ``interrupted`` and an error ``failed``."""
     device = data.device
-    record.write(
-        "running",
-        **({"learning_rates": loop.learning_rates} if loop else {}),
-        device=str(device),
-        torch_threads=torch.get_num_threads(),
-        replica_seeds=[replica_seed(cfg.seed, r) for r in range(cfg.replicas)],
-        normaliser=test_set.normaliser,
-        theory=theory,
-        choices=choices or {},
-    )
-    if record.resumed_from is None:
-        record.log_theory(0, theory)
-        kind = "train" if loop else "population" if cfg.optimizer.population else "fit"
-        nothing = torch.full((cfg.replicas,), torch.nan, device=device)  # nothing fitted yet
-        clock = Stopwatch(device)
-        mark = clock.mark()
-        initial = test_set.evaluate(model, nothing, kind)
-        record.log_eval(0, initial)
-        if loop is not None:
-            loop.evaluation_s += clock.since(mark)
     interrupted_by = None
     try:
+        record.write(
+            "running",
+            **({"learning_rates": loop.learning_rates} if loop else {}),
+            device=str(device),
+            torch_threads=torch.get_num_threads(),
+            replica_seeds=[replica_seed(cfg.seed, r) for r in range(cfg.replicas)],
+            normaliser=test_set.normaliser,
+            theory=theory,
+            choices=choices or {},
+        )
+        if record.resumed_from is None:
+            record.log_theory(0, theory)
+            kind = "train" if loop else "population" if cfg.optimizer.population else "fit"
+            nothing = torch.full((cfg.replicas,), torch.nan, device=device)  # nothing fitted
+            clock = Stopwatch(device)
+            mark = clock.mark()
+            initial = test_set.evaluate(model, nothing, kind)
+            record.log_eval(0, initial)
+            if loop is not None:
+                loop.evaluation_s += clock.since(mark)
         if loop is None:
             status, metrics, steps_done, steps_per_s = fit_by_ridge(
                 cfg, model, data, test_set, record, exact
@@ -273,8 +285,8 @@ def _fit(
         )
         record.close(None, 0)
         raise
-    except OSError:
-        record.close(None, 0)
+    except OSError as error:
+        _write_failed(record, error)
         raise
     except Exception as error:
         record.write(
@@ -288,16 +300,21 @@ def _fit(
     if status == "interrupted":
         record.close(None, steps_done)
     else:
-        (record.run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)  # finished: nothing to resume
-        record.log_theory(steps_done, theory)
-        record.write(
-            status,
-            metrics=metrics,
-            steps_done=steps_done,
-            wall_time_s=wall_time,
-            steps_per_s=steps_per_s,
-            output_weights=output_weight_norms(model),
-        )
+        try:
+            record.log_theory(steps_done, theory)
+            record.write(
+                status,
+                metrics=metrics,
+                steps_done=steps_done,
+                wall_time_s=wall_time,
+                steps_per_s=steps_per_s,
+                output_weights=output_weight_norms(model),
+            )
+        except OSError as error:
+            _write_failed(record, error)
+            raise
+        # Finished: nothing to resume. Removed once the record says so, never before.
+        (record.run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
         record.close(metrics, steps_done)
     return RunResult(
         status,
@@ -311,6 +328,14 @@ def _fit(
         model,
         interrupted_by,
     )
+
+
+def _write_failed(record: RunRecord, error: OSError) -> None:
+    """A write that failed (a full disk): the record falls back to its last good state
+    (:meth:`RunRecord.fall_back`), the checkpoint stays, and the writer is closed if it can be."""
+    record.fall_back(error)
+    with contextlib.suppress(OSError):  # the disk may refuse TensorBoard's last flush too
+        record.close(None, 0)
 
 
 def steps_to_error_record(thresholds: list[float], reached: torch.Tensor) -> dict[str, object]:
@@ -337,9 +362,28 @@ class Progress:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def load_state_dict(self, state: dict) -> None:
-        for name, value in state.items():
-            now = getattr(self, name)
-            setattr(self, name, value.to(now.device) if isinstance(now, torch.Tensor) else value)
+        """From :meth:`state_dict` as loaded (onto the CPU). A state of other fields, types or
+        shapes raises ValueError before any field is set."""
+        names = [f.name for f in dataclasses.fields(self)]
+        if not isinstance(state, dict) or sorted(state) != sorted(names):
+            held = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"progress holds {held}, not the fields {sorted(names)}")
+        for name in names:
+            now, saved = getattr(self, name), state[name]
+            if isinstance(now, torch.Tensor):
+                same = (
+                    isinstance(saved, torch.Tensor)
+                    and saved.shape == now.shape
+                    and saved.dtype == now.dtype
+                )
+                expected = f"a {now.dtype} tensor of shape {tuple(now.shape)}"
+            else:
+                same, expected = type(saved) is type(now), f"of type {type(now).__name__}"
+            if not same:
+                raise ValueError(f"progress.{name} is not {expected}")
+        for name in names:
+            now, saved = getattr(self, name), state[name]
+            setattr(self, name, saved.to(now.device) if isinstance(now, torch.Tensor) else saved)
 
 
 class Streams:
@@ -386,7 +430,7 @@ class CheckpointPolicy:
 class Loop:
     """The optimizer loop: ``steps`` minibatch steps, evaluating every ``eval_every``, with a
     checkpoint as :class:`CheckpointPolicy` says and on SIGTERM or SIGINT, after which it
-    stops with status ``interrupted``.
+    stops with status ``interrupted`` (a signal at the last step lets the run finish).
 
     Everything the remaining steps depend on is in :attr:`resumable`, objects with
     ``state_dict`` / ``load_state_dict``: a checkpoint is their states, and restoring one
@@ -454,9 +498,13 @@ class Loop:
         try:
             for name, part in self.resumable.items():
                 part.load_state_dict(state[name])
-        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
-            reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as error:
+            lines = str(error).splitlines() or [""]
+            reason = f"{type(error).__name__}: {lines[0][:200]}"
             raise CheckpointError(path, f"does not hold this run's state ({reason})") from None
+        if not 0 <= self.progress.step < self.cfg.steps:  # the loop checkpoints no last step
+            reason = f"step {self.progress.step}, in a run of {self.cfg.steps} steps"
+            raise CheckpointError(path, f"does not hold this run's state ({reason})")
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.signal = signum  # acted on at the end of the step (after an evaluation in flight)
@@ -506,18 +554,21 @@ class Loop:
                 progress.step = step
                 bar.update()
 
-                evaluate = step % eval_every == 0 or step == steps
-                save = self.signal is not None or (step != steps and policy.due(step))
+                # A signal at the last step finishes the run: it needs only its final record.
+                last = step == steps
+                evaluate = step % eval_every == 0 or last
+                save = not last and (self.signal is not None or policy.due(step))
                 if not (evaluate or save):
                     continue
                 step_time += clock.since(segment)
                 if evaluate:
                     metrics = self._evaluate((step - first_step) / max(1e-9, step_time))
                     bar.set_postfix(test_error=f"{float(metrics['test_error'].mean()):.4g}")
-                if save or self.signal is not None:  # a signal during the evaluation too
+                stop = self.signal is not None and not last  # one during the evaluation too
+                if save or stop:
                     self.record.checkpoint(self.state())
                     policy.saved()
-                if self.signal is not None:
+                if stop:
                     name = signal.Signals(self.signal).name
                     self.record.write("interrupted", steps_done=step, interrupted_by=name)
                     return "interrupted", metrics, step, 0.0

@@ -218,8 +218,8 @@ def test_an_output_dir_that_cannot_be_written_is_refused(tmp_path):
     done = app(*SMALL, f"hydra.run.dir={blocker / 'run'}", cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip() == (
-        f"cannot write the outputs of this run in {blocker / 'run'}: it cannot be created "
-        "(Not a directory)"
+        f"invalid config: hydra.run.dir={blocker / 'run'} (the folder cannot be created: Not a "
+        "directory; allowed: a folder that can be written)"
     )
     assert "Traceback" not in done.stderr and blocker.read_text() == "not a folder"
 
