@@ -70,10 +70,21 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
+def options_with_key(group: str, key: str) -> list[str]:
+    """The options of a config group whose YAML file sets ``key`` at its top level."""
+    return [
+        o for o in group_options(group) if key in OmegaConf.load(CONFIG_DIR / group / f"{o}.yaml")
+    ]
+
+
 def no_such_key(key: str, value: str, schema: Any) -> str:
-    """Why ``key`` (dotted, without ``+``) is refused: the nearest key of its ``schema`` (a
-    dataclass), or where new keys go."""
+    """Why ``key`` (dotted, without ``+``) is refused: the options of its config group that have
+    it, the nearest key of its ``schema`` (a dataclass), or where new keys go."""
     parent, _, leaf = key.rpartition(".")
+    if parent in GROUPS and (owners := options_with_key(parent, leaf)):
+        picks = " or ".join(f"{parent}={o}" for o in owners)
+        example = f"{parent}={owners[0]} {key}={value}"
+        return f"no such key in this {parent}; it belongs to {picks}: choose it too, as {example}"
     names = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else []
     nearest = difflib.get_close_matches(leaf, names, n=1)
     if nearest:

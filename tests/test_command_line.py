@@ -65,9 +65,17 @@ CORPUS = [
     (["Width=5"], "Width=5 (no such key; the nearest is width)"),
     (["optimizer.learning_rate=0.1"], "optimizer.learning_rate=0.1 (no such key; new variables"),
     (["target=polynomial", "target.degre=3"], "target.degre=3 (no such key; the nearest is target"),
-    (["target.degree=3"], "target.degree=3 (no such key; new variables go under vars, as +vars"),
+    (
+        ["target.degree=3"],
+        "target.degree=3 (no such key in this target; it belongs to target=polynomial: choose it "
+        "too, as target=polynomial target.degree=3)",
+    ),
     (["vars.ratio=2"], "vars.ratio=2 (no such key; new variables go under vars, as +vars.ratio=2)"),
-    (["model.kernel=ntk"], "model.kernel=ntk (no such key; new variables go under vars"),
+    (["model.kernel=ntk"], "model.kernel=ntk (no such key in this model; it belongs to model=kern"),
+    (
+        ["-m", "optimizer.betas=[0.9,0.99]", "d=4,8"],
+        "optimizer.betas=[0.9,0.99] (no such key in this optimizer; it belongs to optimizer=adam:",
+    ),
     (["d.x=1"], "d.x=1 (no such key: d holds a value, not keys; set it as d=VALUE)"),
     (["vars=3"], "vars=3 (holds keys, not a value: set one of them, as +vars.NAME=3)"),
     # top-level values: types and ranges
