@@ -151,13 +151,20 @@ def check_package(overrides: list[str], shown: str, package: str) -> None:
         raise ConfigError("--package", package, f"no such key in --cfg {shown}; {allowed}")
 
 
+def last_override(overrides: list[str], key: str) -> tuple[str, str] | None:
+    """The key as typed (``+`` included) and the value of the last override of ``key``, the
+    one Hydra applies; None without one."""
+    for override in reversed(overrides):
+        typed, _, value = override.partition("=")
+        if typed.lstrip("+") == key:
+            return typed, value
+    return None
+
+
 def run_mode(overrides: list[str], multirun: bool) -> bool:
     """Whether Hydra runs a multirun: ``hydra.mode=MULTIRUN`` or ``RUN`` decides over -m."""
-    for override in reversed(overrides):
-        key, _, value = override.partition("=")
-        if key.lstrip("+") == "hydra.mode" and value.upper() in ("RUN", "MULTIRUN"):
-            return value.upper() == "MULTIRUN"
-    return multirun
+    mode = (last_override(overrides, "hydra.mode") or ("", ""))[1].upper()
+    return mode == "MULTIRUN" if mode in ("RUN", "MULTIRUN") else multirun
 
 
 def precheck(argv: list[str], app_dir: Path = CONFIG_DIR.parent) -> None:
@@ -197,18 +204,14 @@ def precheck(argv: list[str], app_dir: Path = CONFIG_DIR.parent) -> None:
 def check_subdir(overrides: list[str], jobs: int) -> None:
     """A ``hydra.sweep.subdir`` the same for every job puts them all in one folder, where each
     job finds the record of the one before and skips: refused for a sweep of several jobs."""
-    for override in reversed(overrides):
-        key, _, value = override.partition("=")
-        if key.lstrip("+") == "hydra.sweep.subdir":
-            if jobs > 1 and "${" not in value:
-                raise ConfigError(
-                    key,
-                    value,
-                    f"the {jobs} jobs of this sweep would share one folder, where each finds the "
-                    "record of the one before and skips; allowed: a name that differs by job, "
-                    "as ${hydra.job.num} or ${hydra.job.override_dirname}",
-                )
-            return
+    subdir = last_override(overrides, "hydra.sweep.subdir")
+    if subdir and jobs > 1 and "${" not in subdir[1]:
+        raise ConfigError(
+            *subdir,
+            f"the {jobs} jobs of this sweep would share one folder, where each finds the record "
+            "of the one before and skips; allowed: a name that differs by job, as "
+            "${hydra.job.num} or ${hydra.job.override_dirname}",
+        )
 
 
 def summary_line(cfg: DictConfig, result: RunResult) -> str:

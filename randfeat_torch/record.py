@@ -178,6 +178,11 @@ class RunLocked(UserError):
         )
 
 
+def lock_holder(fd: int) -> str:
+    """Who holds a run folder's lock, as its holder wrote it in the lock file (pid and host)."""
+    return os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+
+
 class RunLock:
     """One process at a time in a run folder: an exclusive ``flock`` on its ``.lock`` file,
     which names the holder (pid and host) and is released when the process ends, however it
@@ -193,7 +198,7 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            holder = lock_holder(fd)
             os.close(fd)
             raise RunLocked(self.run_dir, holder) from None
         os.ftruncate(fd, 0)
@@ -220,8 +225,7 @@ def check_unlocked(run_dir: Path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-        raise RunLocked(Path(run_dir), holder) from None
+        raise RunLocked(Path(run_dir), lock_holder(fd)) from None
     finally:
         os.close(fd)  # releases the probe
 

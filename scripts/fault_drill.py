@@ -130,6 +130,15 @@ def status(run_dir: Path) -> str | None:
     return (record(run_dir) or {}).get("status")
 
 
+def stopped_by_sigterm(rc: int, r: dict) -> bool:
+    """Exit 128 + 15 and a record that says ``interrupted`` by SIGTERM."""
+    return (
+        rc == 128 + signal.SIGTERM
+        and r.get("status") == "interrupted"
+        and r.get("interrupted_by") == "SIGTERM"
+    )
+
+
 def last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1][:160] if lines else ""
@@ -364,10 +373,7 @@ def fault_3(tmp: Path) -> None:
             f"3b SIGTERM at the record's first write of {where}",
             f"rc={rc}, status={r.get('status')}, interrupted_by={r.get('interrupted_by')}, "
             f"stderr: {last_line(err)!r}",
-            rc == 128 + signal.SIGTERM
-            and r.get("status") == "interrupted"
-            and r.get("interrupted_by") == "SIGTERM"
-            and "interrupted" in err,
+            stopped_by_sigterm(rc, r) and "interrupted" in err,
         )
     rng = random.Random(3)
     seen = []
@@ -472,10 +478,7 @@ def fault_6(tmp: Path) -> None:
         "6 SIGTERM during a ridge fit (n_train=300000, width=1024)",
         f"rc={rc} after {latency:.2f} s, status={r.get('status')} "
         f"interrupted_by={r.get('interrupted_by')}, stderr: {last_line(err)!r}",
-        rc == 128 + signal.SIGTERM
-        and r.get("status") == "interrupted"
-        and r.get("interrupted_by") == "SIGTERM"
-        and "interrupted by SIGTERM" in err,
+        stopped_by_sigterm(rc, r) and "interrupted by SIGTERM" in err,
     )
 
 
