@@ -18,8 +18,6 @@ multirun starts, in the process that launches the jobs, whichever launcher runs 
 
 from __future__ import annotations
 
-import copy
-import pickle
 from typing import Any
 
 from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
@@ -31,15 +29,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-def kept(cfg: DictConfig) -> bytes | DictConfig:
-    """A pick as kept: pickled, since unpickling copies it in a tenth of a deepcopy's time; as
-    it is where it does not pickle (in a launcher's worker process, where Hydra has imported
-    its plugins' config classes anew, pickle no longer finds them by name)."""
-    try:
-        return pickle.dumps(cfg)
-    except (pickle.PicklingError, TypeError, AttributeError):
-        return cfg
+from randfeat_torch.sweeps import copy_of, kept
 
 
 class ComposingLoader(ConfigLoaderImpl):
@@ -96,8 +86,7 @@ class ComposingLoader(ConfigLoaderImpl):
         key = (tuple(master_config.hydra.overrides.hydra), groups)
         if key not in self.picks:
             self.picks[key] = kept(super().load_sweep_config(master_config, list(groups)))
-        pick = self.picks[key]
-        cfg = pickle.loads(pick) if isinstance(pick, bytes) else copy.deepcopy(pick)
+        cfg = copy_of(self.picks[key])
         try:
             for o in values:
                 OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)

@@ -85,6 +85,30 @@ def _with(part=None, **fields):
     return change
 
 
+def _with_momentum(buffer, index=0):
+    def change(state):
+        state["optimizer"]["state"][index] = {"momentum_buffer": buffer}
+        return state
+
+    return change
+
+
+def _without_momentum(index):
+    def change(state):
+        del state["optimizer"]["state"][index]
+        return state
+
+    return change
+
+
+def _with_rate(lr):
+    def change(state):
+        state["optimizer"]["param_groups"][0]["lr"] = lr
+        return state
+
+    return change
+
+
 NOT_A_CHECKPOINT = "is not a checkpoint of a run"
 NOT_THIS_STATE = "does not hold this run's state"
 DAMAGED = {  # what becomes of a real checkpoint, and the refusal it gets
@@ -101,6 +125,17 @@ DAMAGED = {  # what becomes of a real checkpoint, and the refusal it gets
     "the step the last": (_with("progress", step=20), NOT_THIS_STATE),
     "the best error of another shape": (_with("progress", best=torch.zeros(3)), NOT_THIS_STATE),
     "the optimizer's state a string": (_with(optimizer="x"), NOT_THIS_STATE),
+    "a momentum buffer of another shape": (_with_momentum(torch.zeros(3)), NOT_THIS_STATE),
+    "a momentum buffer that is no tensor": (_with_momentum([0.0]), NOT_THIS_STATE),
+    "the optimizer's state for a parameter it does not have": (
+        _with_momentum(torch.zeros(1), index=-1),
+        NOT_THIS_STATE,
+    ),
+    "the optimizer's state for some parameters only": (_without_momentum(1), NOT_THIS_STATE),
+    "the schedule's step a string": (_with("scheduler", last_epoch="5"), NOT_THIS_STATE),
+    "the schedule's step negative": (_with("scheduler", last_epoch=-3), NOT_THIS_STATE),
+    "a learning rate that is no number": (_with_rate("0.5"), NOT_THIS_STATE),
+    "a learning rate that is NaN": (_with_rate(float("nan")), NOT_THIS_STATE),
 }
 
 

@@ -16,7 +16,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from randfeat_torch import multirun, record, theory
+from randfeat_torch import record, sweeps, theory
 from randfeat_torch.multirun import ComposingLoader
 from randfeat_torch.paths import CONFIG_DIR, SWEEP_DIR_VARIABLE, register_resolvers
 from randfeat_torch.record import RECORD_NAME
@@ -54,7 +54,7 @@ def test_every_job_composed_from_its_pick_equals_hydras_composition(pickles, mon
         def refuse(cfg):
             raise pickle.PicklingError("not the same object")
 
-        monkeypatch.setattr(multirun.pickle, "dumps", refuse)
+        monkeypatch.setattr(sweeps.pickle, "dumps", refuse)
     register_resolvers()
     GlobalHydra.instance().clear()
     try:

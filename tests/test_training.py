@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from randfeat_torch import optim
 from randfeat_torch.config import DataError
 from randfeat_torch.models import build_model
 from randfeat_torch.optim import GradientPrecision, build_optimizer
@@ -75,6 +79,97 @@ def test_finite_training_set_and_full_batch_gradient_descent(run):
     # batches every step would give a train loss near the test MSE).
     for run_ in (finite, full):
         assert float(run_.metrics["train_loss"][0]) < 0.2 * float(run_.metrics["test_mse"][0])
+
+
+FUSED = {  # torch.optim's arguments, and ours
+    "sgd": ({"momentum": 0.0}, {"momentum": 0.0, "nesterov": False}),
+    "sgd momentum": ({"momentum": 0.9}, {"momentum": 0.9, "nesterov": False}),
+    "sgd nesterov": ({"momentum": 0.9, "nesterov": True}, {"momentum": 0.9, "nesterov": True}),
+    "adam": ({"betas": (0.8, 0.95), "eps": 1e-6}, {"beta1": 0.8, "beta2": 0.95, "eps": 1e-6}),
+}
+
+
+@pytest.mark.parametrize("kind", FUSED)
+def test_the_fused_update_is_torch_optims_to_the_bit_and_resumes_from_its_state(kind):
+    """FusedUpdate calls torch.optim's fused kernels itself: the same parameters, states and
+    rates after 6 scheduled steps over two groups, and the same after a restore of either's
+    state (a checkpoint written by torch.optim resumes too)."""
+    name = kind.split()[0]
+    theirs_kwargs, ours_kwargs = FUSED[kind]
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(shape, generator=gen) for shape in [(2, 5, 3), (2, 5), (2, 1)]]
+    grads = [[torch.randn(p.shape, generator=gen) for p in init] for _ in range(12)]
+    factor = optim.schedule_factor("cosine", 2, 12)
+
+    def groups(params):
+        return [{"params": params[:2], "lr": 0.3}, {"params": params[2:], "lr": 0.05}]
+
+    def make_theirs():
+        params = [p.clone() for p in init]
+        cls = torch.optim.SGD if name == "sgd" else torch.optim.Adam
+        opt = cls(groups(params), lr=0.3, weight_decay=0.01, fused=True, **theirs_kwargs)
+        return params, opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+    def make_ours():
+        params = [p.clone() for p in init]
+        marked = [g | {"initial_lr": g.pop("lr")} for g in groups(params)]
+        opt = optim.FusedUpdate(name, marked, weight_decay=0.01, **ours_kwargs)
+        return params, opt, optim.Schedule(opt, factor)
+
+    def steps(params, opt, sched, first, last):
+        for g in grads[first:last]:
+            for p, grad in zip(params, g, strict=True):
+                p.grad = grad.clone()
+            opt.step()
+            sched.step()
+
+    def state_of(opt):
+        return {i: dict(s) for i, s in opt.state_dict()["state"].items()}
+
+    theirs, ours = make_theirs(), make_ours()
+    for run_ in (theirs, ours):
+        steps(*run_, 0, 6)
+    assert all(torch.equal(a, b) for a, b in zip(theirs[0], ours[0], strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(init, ours[0], strict=True))
+    theirs_state, ours_state = state_of(theirs[1]), state_of(ours[1])
+    assert theirs_state.keys() == ours_state.keys() == ({0, 1, 2} if kind != "sgd" else set())
+    for i, values in ours_state.items():
+        assert values.keys() == theirs_state[i].keys()
+        assert all(torch.equal(v, theirs_state[i][key]) for key, v in values.items())
+    assert [g["lr"] for g in ours[1].param_groups] == [g["lr"] for g in theirs[1].param_groups]
+
+    uninterrupted = make_ours()
+    steps(*uninterrupted, 0, 12)
+    for source in (ours, theirs):  # a checkpoint at step 6 of either, resumed by ours
+        params, opt, sched = make_ours()
+        with torch.no_grad():
+            for p, saved in zip(params, source[0], strict=True):
+                p.copy_(saved)
+        opt.load_state_dict(_through_a_file(source[1].state_dict()))
+        sched.load_state_dict(_through_a_file(source[2].state_dict()))
+        steps(params, opt, sched, 6, 12)
+        assert all(torch.equal(a, b) for a, b in zip(params, uninterrupted[0], strict=True))
+
+
+def _through_a_file(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def test_a_run_never_imports_the_compiler():
+    """torch.optim imports torch._dynamo (1.0-1.3 s of start-up) when an optimizer is built;
+    a run of either optimizer, checkpoint included, needs none of it."""
+    code = (
+        "import sys, tempfile; from randfeat_torch.api import run\n"
+        "for opt in ('sgd', 'adam'):\n"
+        "    run(f'optimizer={opt}', 'steps=4', 'eval_every=2', 'checkpoint_every=2', 'd=4',"
+        " 'width=8', 'n_test=64', run_dir=tempfile.mkdtemp())\n"
+        "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
