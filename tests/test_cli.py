@@ -150,6 +150,24 @@ def test_bad_input_exits_2_with_one_sentence_and_writes_nothing(tmp_path, overri
     assert not run_dir.exists() and not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.parametrize("argv", [["width=-5"], ["model=nope"], ["-m", "d=4,0"]])
+def test_a_refused_command_line_never_imports_torch(tmp_path, argv):
+    """The command line is checked before torch is imported (1-2 s): a typo costs 0.5 s."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = [{str(ROOT / 'train.py')!r}, *{argv!r}]\n"
+        "try:\n"
+        "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "except SystemExit as stop:\n"
+        "    print(stop.code, 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.stdout.split() == ["2", "False"], done.stderr
+    assert done.stderr.strip().startswith("invalid config: ")
+
+
 def test_every_job_of_a_sweep_is_checked_before_any_runs(tmp_path):
     done = app("-m", *SMALL, "d=4,6,0", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     assert done.returncode == 2

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from randfeat_torch import api, cli
+from randfeat_torch import api, cli, device
 from randfeat_torch.cli import load_config
 from randfeat_torch.paths import CONFIG_DIR, SWEEP_DIR_VARIABLE, sweep_name
 from randfeat_torch.sweeps import hydra_configs, is_hydra_override, primary_config
@@ -135,7 +135,7 @@ def test_the_docs_show_commands_of_every_kind():
 @pytest.mark.parametrize("command", RUNNABLE, ids=[c.where for c in RUNNABLE])
 def test_every_documented_command_passes_the_command_lines_check(command, monkeypatch, capsys):
     # The machine (CUDA, free memory) is the business of the machine that runs the job.
-    monkeypatch.setattr(cli, "check_machine", lambda cfg: None)
+    monkeypatch.setattr(device, "check_machine", lambda cfg: None)
     monkeypatch.delenv(SWEEP_DIR_VARIABLE, raising=False)
     shown = f"{command.where}: python train.py {shlex.join(command.argv)}"
     preset = re.fullmatch(r"-m experiment=(\w+)", " ".join(command.argv))
