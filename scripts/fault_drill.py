@@ -27,6 +27,7 @@ regression tests of what this drill found.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -648,8 +649,12 @@ FAULTS = {str(i): f for i, f in enumerate([fault_1, fault_2, fault_3, fault_4, f
 FAULTS |= {"6": fault_6, "7": fault_7, "8": fault_8}
 
 
-def main() -> int:
-    chosen = sys.argv[1:] or list(FAULTS)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("faults", nargs="*", help=f"some of {', '.join(FAULTS)}; all if none")
+    chosen = parser.parse_args(argv).faults or list(FAULTS)
+    if unknown := [name for name in chosen if name not in FAULTS]:
+        parser.error(f"no fault {unknown[0]!r} (allowed: {', '.join(FAULTS)})")
     with tempfile.TemporaryDirectory(prefix="fault_drill_") as folder:
         for name in chosen:
             FAULTS[name](Path(folder))
