@@ -560,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     if (versus := ridge_vs_sklearn(quick, 2 if quick else 5)) is not None:
         figures["ridge_vs_sklearn"] = versus
 
-    bare = startup_seconds([sys.executable, "-c", "import torch"], repeats)
+    startups = 1 if quick else repeats  # a quick run checks the row, not the figure
+    bare = startup_seconds([sys.executable, "-c", "import torch"], startups)
     app = startup_seconds(
         [
             sys.executable,
@@ -572,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
             "resume=false",  # the same folder each time: train again, do not skip
             f"hydra.run.dir={ours.tmp / 'startup'}",
         ],
-        repeats,
+        startups,
     )
     figures["startup"] = {"import_torch_s": bare, "train_py_s": app, "ratio": app / bare}
     figures["sweep_overhead"] = sweep_overhead(ours, quick, 1 if quick else 3)

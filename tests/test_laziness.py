@@ -96,11 +96,11 @@ def test_movement_matches_a_direct_computation_and_is_zero_for_a_frozen_first_la
     perturb(net)
     measures = laziness.measure(net)
     for r in range(2):
-        direct = (net.w[r] - w0[r]).norm() / w0[r].norm()
+        direct = (net.w[r].detach() - w0[r]).norm() / w0[r].norm()
         assert float(measures["w_movement"][r]) == pytest.approx(float(direct), rel=1e-12)
-        direct = (net.b[r] - b0[r]).norm() / b0[r].norm()
+        direct = (net.b[r].detach() - b0[r]).norm() / b0[r].norm()
         assert float(measures["b_movement"][r]) == pytest.approx(float(direct), rel=1e-12)
-        direct = (net.a[r] - a0[r]).norm() / a0[r].norm()
+        direct = (net.a[r].detach() - a0[r]).norm() / a0[r].norm()
         assert float(measures["a_movement"][r]) == pytest.approx(float(direct), rel=1e-12)
     assert torch.all(measures["kernel_distance"] > 1e-6)
     # The remainder f - f_lin (about 3e-2 here) of O(1) outputs, each a float64 sum of 50 units:
@@ -148,8 +148,8 @@ def test_a_trained_net_records_its_laziness(run, make_cfg):
     def movement(result, name: str, *overrides: str) -> float:
         """|theta - theta_0| / |theta_0| of the final model, against its init rebuilt."""
         cfg = make_cfg("width=256", *overrides)
-        init = getattr(build_model(cfg.model, cfg.seed, torch.device(cfg.device)), name)
-        now = getattr(result.model, name)
+        init = getattr(build_model(cfg.model, cfg.seed, torch.device(cfg.device)), name).detach()
+        now = getattr(result.model, name).detach()
         return float((now - init).double().norm() / init.double().norm())
 
     result = run("width=256", "model.parameterization=ntk")
