@@ -26,7 +26,7 @@ class StepClock:
     second before the first), whatever the machine's speed."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.now = 0.0
+        self.now = 1e6  # as time.monotonic() reads on a machine up for days, not 0
         draw = Batches.next
 
         def next_batch(batches: Batches):
@@ -156,3 +156,15 @@ def test_a_period_that_is_not_a_positive_number_of_seconds_is_refused(value):
     sentence = rf"checkpoint_every_s={shown} \(must be a finite number > 0\)"
     with pytest.raises(ConfigError, match=sentence):
         load_config([f"checkpoint_every_s={value}"])
+
+
+def test_a_run_resumes_under_another_checkpoint_period(make_cfg, tmp_path, monkeypatch):
+    # The period is how often to write, not what is computed: a run cut at step 13 and
+    # resumed with other periods ends as the uninterrupted run does
+    whole = train(make_cfg(*RUN), tmp_path / "whole", clock=StepClock(monkeypatch))
+    cut = tmp_path / "cut"
+    train_until_sigterm(make_cfg(*RUN), cut, 13, clock=StepClock(monkeypatch))
+    other = make_cfg(*RUN, "checkpoint_every_s=5", "checkpoint_every=7")
+    resumed = train_again(other, cut, clock=StepClock(monkeypatch))
+    assert json.loads((cut / "metrics.json").read_text())["resumed_from_step"] == 13
+    assert_equal_runs(resumed, whole)

@@ -12,7 +12,7 @@ import torch
 from randfeat_torch import cli, device
 from randfeat_torch.cli import load_config
 from randfeat_torch.config import ConfigError
-from randfeat_torch.kernels import dual_ridge, kernel_spec
+from randfeat_torch.kernels import KERNEL_MATRICES_EIGH, dual_ridge, kernel_spec
 from tests.conftest import SMALL
 
 GIB = 2**30
@@ -153,12 +153,13 @@ def test_a_failed_factor_whose_eigendecomposition_does_not_fit_names_the_penalty
     """A positive penalty too small for a trusted Cholesky factor falls back to the
     eigendecomposition, which the machine check did not count: where it does not fit, the run
     is refused with the penalty and the numbers, before LAPACK allocates it."""
-    monkeypatch.setattr(device, "free_memory", lambda name: (1000, "available here"))
     spec = kernel_spec(load_config([*SMALL, "fit=rf_kernel", "d=3", "n_train=50"]).model)
     x = torch.randn(50, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     x[25:] = x[:25]  # repeated inputs: K_c is singular, so a 1e-300 shift has no trusted factor
+    need = KERNEL_MATRICES_EIGH * 8 * 50**2  # bytes: its float64 n x n matrices
+    monkeypatch.setattr(device, "free_memory", lambda name: (need - 1, "available here"))
     with pytest.raises(ConfigError, match=r"^invalid config: optimizer\.penalty=1e-300 \(the "):
         dual_ridge(spec, x, x[:, 0], [1e-300], relative=True, degrees=False)
-    monkeypatch.setattr(device, "free_memory", lambda name: (2**40, "available here"))
+    monkeypatch.setattr(device, "free_memory", lambda name: (need, "available here"))
     fit = dual_ridge(spec, x, x[:, 0], [1e-300], relative=True, degrees=False)
     assert fit.fallback

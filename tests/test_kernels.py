@@ -11,10 +11,12 @@ import math
 import pytest
 import torch
 
+from randfeat_torch import kernels
 from randfeat_torch.cli import load_config
 from randfeat_torch.config import ConfigError
-from randfeat_torch.kernels import KERNEL_FITS, KernelSpec, centre_, dual_ridge, kernel_matrix
+from randfeat_torch.kernels import KERNEL_FITS, KernelSpec, dual_ridge, kernel_matrix
 from randfeat_torch.models import LinearizedNet, TwoLayerNet
+from randfeat_torch.ridge import PIVOT_RCOND, cholesky_factor
 from tests.conftest import SMALL
 
 # (activation, init, bias, parameterization): every closed form of kernels.py
@@ -63,6 +65,46 @@ def test_the_kernel_is_the_mean_of_the_nets_features_over_its_random_first_layer
         assert torch.equal(exact, exact.T) or torch.allclose(exact, exact.T, rtol=1e-14)
 
 
+def test_a_matrix_in_row_blocks_equals_the_matrix_in_one_block(monkeypatch):
+    # Blocks start at n_train > 2048 (2^22 entries); here 40 inputs in blocks of 7 rows. Off the
+    # diagonal the same entries are computed from dot products of d = 3 terms, which BLAS may
+    # round differently by a few ulps at another shape: 1e-12 is far above that and far below
+    # what a block with the wrong rows gives (order 1).
+    spec = KernelSpec("ntk", "relu", True, "gaussian", 3)
+    x, _ = noisy_neuron(40, 3, 0)
+    other, _ = noisy_neuron(11, 3, 1)
+    whole, cross = kernel_matrix(spec, x), kernel_matrix(spec, x, other)
+    monkeypatch.setattr(kernels, "KERNEL_BLOCK_ELEMENTS", 7 * 40)
+    assert torch.allclose(kernel_matrix(spec, x), whole, rtol=1e-12, atol=0)
+    assert torch.allclose(kernel_matrix(spec, x, other), cross, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_gram_diagonal_is_exact(bias):
+    # At theta = 0 acos loses half the digits (1e-8 here), which the Monte Carlo test cannot
+    # see. For ReLU, u = w.x + b ~ N(0, q) with q = |x|^2 / d + [bias]: E relu(u)^2 = q / 2, and
+    # the tangent part adds E[a0^2] P(u > 0) (|x|^2 + [bias]), E[a0^2] = 1. A few flops: 16 eps.
+    d = 5
+    x, _ = noisy_neuron(200, d, 2)
+    x = x.double()
+    sq = x.square().sum(1)
+    q = sq / d + bias
+    for kind, exact in [("rf", q / 2), ("ntk", q / 2 + (sq + bias) / 2)]:
+        diagonal = kernel_matrix(KernelSpec(kind, "relu", bias, "gaussian", d), x).diagonal()
+        assert torch.allclose(diagonal, exact, rtol=16 * torch.finfo(torch.float64).eps, atol=0)
+
+
+def test_a_spec_without_a_closed_form_is_refused_by_the_kernel_itself():
+    # What the config check refuses, the function refuses too, for code that calls it directly
+    x = torch.randn(4, 3, dtype=torch.float64)
+    for spec in [
+        KernelSpec("rf", "relu", True, "sphere", 3),
+        KernelSpec("rf", "tanh", False, "gaussian", 3),
+    ]:
+        with pytest.raises(ValueError, match="no closed-form kernel"):
+            kernel_matrix(spec, x)
+
+
 def noisy_neuron(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=gen)
@@ -79,8 +121,8 @@ def test_the_dual_fit_is_centred_ridge_solved_independently():
     n, penalties = len(y), [1e-4, 1e-2, 1.0, 0.0]
     fit = dual_ridge(spec, x, y, penalties, relative=True, degrees=True)
     gram = kernel_matrix(spec, x)
-    centred = gram.clone()
-    centre_(centred)
+    projector = torch.eye(n, dtype=torch.float64) - 1.0 / n  # H = I - 1 1^T / n
+    centred = projector @ gram @ projector
     assert float(fit.penalty[1]) == pytest.approx(1e-2 * float(centred.trace()) / n, rel=1e-12)
     y_c = y.double() - y.double().mean()
     eye = torch.eye(n, dtype=torch.float64)
@@ -99,6 +141,56 @@ def test_the_dual_fit_is_centred_ridge_solved_independently():
     assert fit.fallback and float(fit.mse[-1]) < 1e-12  # penalty 0 interpolates
     single = dual_ridge(spec, x, y, penalties[1:2], relative=True, degrees=False)
     assert torch.allclose(single.alpha[:, 0], fit.alpha[:, 1], rtol=1e-10, atol=1e-12)
+
+
+def centred_gram(spec: KernelSpec, x: torch.Tensor) -> torch.Tensor:
+    projector = torch.eye(len(x), dtype=torch.float64) - 1.0 / len(x)
+    return projector @ kernel_matrix(spec, x) @ projector
+
+
+def test_a_rank_deficient_kernel_at_penalty_zero_gives_the_minimum_norm_fit():
+    # The quadratic RF kernel in d = 3, E[p^2 p'^2] = q q' + 2 s^2, is a function of x x^T: rank
+    # at most 6 (the products of pairs of coordinates). Its other 54 eigenvalues are rounding
+    # noise (1e-15 of the largest), which the fit must drop (below n * PIVOT_RCOND of the
+    # largest), as the pseudo-inverse does.
+    spec = KernelSpec("rf", "quadratic", False, "gaussian", 3)
+    x, y = noisy_neuron(60, 3, 1)
+    fit = dual_ridge(spec, x, y, [0.0], relative=False, degrees=False)
+    gram = centred_gram(spec, x)
+    pinv = torch.linalg.pinv(gram, hermitian=True, rtol=len(y) * PIVOT_RCOND)
+    expected = pinv @ (y.double() - y.double().mean())
+    assert fit.fallback
+    assert torch.allclose(fit.alpha[:, 0], expected, rtol=1e-6, atol=1e-7 * expected.abs().max())
+
+
+def test_the_cholesky_factor_is_trusted_where_ridges_rule_trusts_it():
+    # Shifts from 1e-10 to 1e-16.5 of the largest diagonal entry span the band where the
+    # smallest pivot^2 crosses n * PIVOT_RCOND * that entry: the fit falls back to the
+    # eigendecomposition exactly where ridge.cholesky_factor would not trust the factor.
+    spec = KernelSpec("ntk", "relu", True, "gaussian", 3)
+    x, y = noisy_neuron(150, 3, 0)
+    n, gram = len(y), centred_gram(spec, x)
+    scale = float(gram.diagonal().max())
+    verdicts = []
+    for k in range(20, 34):
+        shift = 10 ** (-k / 2) * scale
+        fit = dual_ridge(spec, x, y, [shift / n], relative=False, degrees=False)
+        system = gram + shift * torch.eye(n, dtype=torch.float64)
+        verdicts.append((fit.fallback, cholesky_factor(system.unsqueeze(0)) is None))
+    assert all(ours == ridges for ours, ridges in verdicts), verdicts
+    assert {ours for ours, _ in verdicts} == {False, True}  # the band was crossed
+
+
+def test_the_eigen_fallback_at_a_positive_penalty_reports_the_training_error(monkeypatch):
+    # A factor trusted only above 1e-3 forces the fallback at penalty 1e-4: its training error
+    # is that of the predictions it gives (two float64 computations of one mean: 1e-9).
+    monkeypatch.setattr(kernels, "PIVOT_RCOND", 1e-3)
+    spec = KernelSpec("ntk", "relu", True, "gaussian", 3)
+    x, y = noisy_neuron(150, 3, 0)
+    fit = dual_ridge(spec, x, y, [1e-4], relative=True, degrees=False)
+    assert fit.fallback
+    fitted = fit.c[0] + kernel_matrix(spec, x) @ fit.alpha[:, 0]
+    assert float(fit.mse[0]) == pytest.approx(float((y - fitted).square().mean()), rel=1e-9)
 
 
 # a polynomial target: a ReLU neuron would have theory compute the exact RF moments
@@ -153,8 +245,13 @@ def training_bound(fitted, ridge) -> tuple[float, float]:
     return float(difference.norm()), bound
 
 
-@pytest.mark.parametrize(("kernel", "width", "d"), [("rf", 2048, 4), ("ntk", 512, 3)])
-def test_ridge_on_n_features_is_within_the_derived_bound_of_the_kernel_fit(run, kernel, width, d):
+@pytest.mark.parametrize(
+    ("kernel", "width", "d", "chunk"),
+    [("rf", 2048, 4, None), ("ntk", 512, 3, None), ("rf", 2048, 3, 50)],
+)
+def test_ridge_on_n_features_is_within_the_derived_bound_of_the_kernel_fit(
+    run, kernel, width, d, chunk
+):
     # Ridge on N units at penalty lambda_u = N lambda is, in the dual, (K_Nc + n lambda) a_N = y_c
     # with K_N = (1/N) sum_j psi_j psi_j^T; the kernel fit is (K_c + n lambda) a = y_c. On the
     # training inputs yhat = mean y + K_c a = y - n lambda a (and the same for N), so
@@ -163,13 +260,16 @@ def test_ridge_on_n_features_is_within_the_derived_bound_of_the_kernel_fit(run, 
     # a bound computed from the features themselves (float32 predictions: 1e-5 slack). A
     # penalty large enough to matter on the training set (n lambda = 15) makes it sharp: ridge
     # at lambda_u = lambda (the convention without the width) is far outside it.
+    # With optimizer.chunk_size (50 samples of d = 3: not a multiple of the 16 values torch
+    # draws at once), both fits must draw the training set in the same chunks.
     lam, n = 0.05, 300
-    fitted, ridges = kernel_and_ridge(run, kernel, [width], lam, f"d={d}", f"n_train={n}")
+    shape = [f"d={d}", f"n_train={n}", f"optimizer.chunk_size={chunk or 'null'}"]
+    fitted, ridges = kernel_and_ridge(run, kernel, [width], lam, *shape)
     difference, bound = training_bound(fitted, ridges[width])
     assert 0 < difference <= bound + 1e-5 * math.sqrt(n), (difference, bound)
     wrong = run(
         f"model={'frozen' if kernel == 'rf' else 'linearized'}", f"width={width}", *RIDGE,
-        f"optimizer.penalty={lam}", f"d={d}", f"n_train={n}",
+        f"optimizer.penalty={lam}", *shape,
     )  # fmt: skip
     assert training_bound(fitted, wrong)[0] > 4 * bound
 
@@ -203,6 +303,35 @@ def test_replicas_share_one_fit_or_fit_their_own_samples(run):
     own = run("fit=rf_kernel", "n_train=200", "replicas=2", "replica_data=independent")
     assert own.model.x.shape[0] == 2 and not torch.equal(own.model.a[0], own.model.a[1])
     assert torch.equal(own.model.a[0], shared.model.a[0])  # replica 0's data is the shared data
+    # each replica predicts from its own inputs (float32 predictions: 1e-6), and its penalty
+    # path's errors are its own
+    KERNEL_FITS.key = None
+    own = run(
+        "fit=rf_kernel", "n_train=200", "replicas=2", "replica_data=independent",
+        "optimizer.penalty=[1e-3,1e-1]",
+    )  # fmt: skip
+    model = own.model
+    x = torch.randn(50, model.d, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        predictions = model(x).double()
+    for r in range(2):
+        expected = model.c[r] + kernel_matrix(model.spec, x, model.x[r]) @ model.a[r]
+        assert torch.allclose(predictions[r], expected, rtol=1e-6, atol=1e-6 * expected.abs().max())
+    record = json.loads((own.run_dir / "metrics.json").read_text())
+    first = [errors[0] for errors in record["penalty_path"]["test_error"]]
+    assert first == pytest.approx(record["metrics"]["test_error"], rel=1e-5)
+
+
+def test_a_kernel_fit_is_reused_only_by_a_job_that_differs_in_width(run):
+    # A seed sweep in one process must not reuse seed 0's samples and fit
+    KERNEL_FITS.key = None
+    base = ["fit=rf_kernel", "n_train=200"]
+    first, second = run(*base, "seed=0"), run(*base, "seed=1")
+    assert not torch.equal(first.model.x, second.model.x)
+    again = run(*base, "seed=1", "width=7")
+    records = [json.loads((r.run_dir / "metrics.json").read_text()) for r in (second, again)]
+    assert [record["kernel"]["fit_reused"] for record in records] == [False, True]
+    assert torch.equal(again.model.x, second.model.x)
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,7 @@ JOBS = [
     ["vars.x=1"],  # refused, in Hydra's words
     ["d=abc"],
     ["model=nope"],
+    ["d=4", "width=8", "d=6"],  # a key given twice: the last value wins
 ]
 
 
@@ -60,19 +61,32 @@ def test_every_job_composed_from_its_pick_equals_hydras_composition(pickles, mon
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             hydra = GlobalHydra.instance().hydra
-            master = hydra.compose_config(
-                "train", ["hydra.sweep.dir=sweep", "d=4,6"], run_mode=RunMode.MULTIRUN
-            )
+            masters = [
+                hydra.compose_config(
+                    "train", ["hydra.sweep.dir=sweep", "d=4,6", *extra], run_mode=RunMode.MULTIRUN
+                )
+                for extra in ([], ["hydra.job.chdir=true"])
+            ]
+            master = masters[0]
             fast = ComposingLoader.of(hydra.config_loader)
             for job in JOBS:
                 expected = composed(hydra.config_loader, master, job)
                 assert composed(fast, master, job) == expected, job
                 assert composed(fast, master, job) == expected, job  # from the kept pick
+            assert "\nd: 6\n" in composed(fast, master, JOBS[-1])
             assert len(fast.picks) == 5  # the picks of the jobs it made itself
             assert all(isinstance(pick, bytes) == pickles for pick in fast.picks.values())
+            # a master with other hydra overrides gets its own hydra node, not the kept one
+            assert composed(fast, masters[1], ["d=4"]) == composed(
+                hydra.config_loader, masters[1], ["d=4"]
+            )
             first = fast.load_sweep_config(master, ["d=4"])
-            first.d = 5  # as a launcher sets a job's fields: the next job is not touched
-            assert fast.load_sweep_config(master, ["d=4"]).d == 4
+            first.d, first.width, first.hydra.job.num = 5, 999, 7  # as a launcher sets a job's
+            second = fast.load_sweep_config(master, ["d=6"])  # fields: the next is not touched
+            assert second is not first and fast.load_sweep_config(master, ["d=4"]).d == 4
+            assert OmegaConf.to_yaml(second) == OmegaConf.to_yaml(
+                hydra.config_loader.load_sweep_config(master, ["d=6"])
+            )
     finally:
         GlobalHydra.instance().clear()
 
@@ -128,10 +142,17 @@ def test_a_zigzags_reference_errors_are_computed_once_for_a_sweep(run, make_cfg,
         return quadrature(*args, **kwargs)
 
     monkeypatch.setattr(theory, "hermite_coefficients_1d", counted)
-    first = run("target=zigzag", "steps=2", "eval_every=2", "seed=0")
-    second = run("target=zigzag", "steps=2", "eval_every=2", "seed=1", "width=32")
+    base = ("target=zigzag", "steps=2", "eval_every=2")
+    first = run(*base, "seed=0")
+    second = run(*base, "seed=1", "width=32")
     assert len(calls) == 1
     assert first.theory == second.theory and "best_degree_4" in first.theory
+    # another zigzag (its a, its norm) has numbers of its own, those it would have alone
+    others = {extra: run(*base, extra).theory for extra in ("target.a=3", "target.norm=2.5")}
+    assert len(calls) == 3
+    theory.zigzag_energies.cache_clear()
+    for extra, numbers in others.items():
+        assert numbers != first.theory and run(*base, extra).theory == numbers
     target = build_target(make_cfg("target=zigzag").target, torch.device("cpu"))
     direct = quadrature(lambda z: zigzag(target.norm * z, target.a), calls[0]).square()
     assert torch.equal(theory.degree_energies(target, calls[0])[0], direct)  # bit for bit
