@@ -112,6 +112,12 @@ def noisy_neuron(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]
     return x, y
 
 
+def centred(gram: torch.Tensor) -> torch.Tensor:
+    """H K H with H = I - 1 1^T / n, written out (not the module's in-place centring)."""
+    projector = torch.eye(len(gram), dtype=torch.float64) - 1.0 / len(gram)
+    return projector @ gram @ projector
+
+
 def test_the_dual_fit_is_centred_ridge_solved_independently():
     # Against a dense solve of (K_c + n lambda) alpha = y_c at every penalty of a path, the
     # eigen fallback at penalty 0 (the minimum-norm interpolant: K_c alpha = y_c), the degrees
@@ -121,31 +127,25 @@ def test_the_dual_fit_is_centred_ridge_solved_independently():
     n, penalties = len(y), [1e-4, 1e-2, 1.0, 0.0]
     fit = dual_ridge(spec, x, y, penalties, relative=True, degrees=True)
     gram = kernel_matrix(spec, x)
-    projector = torch.eye(n, dtype=torch.float64) - 1.0 / n  # H = I - 1 1^T / n
-    centred = projector @ gram @ projector
-    assert float(fit.penalty[1]) == pytest.approx(1e-2 * float(centred.trace()) / n, rel=1e-12)
+    centred_gram = centred(gram)
+    assert float(fit.penalty[1]) == pytest.approx(1e-2 * float(centred_gram.trace()) / n, rel=1e-12)
     y_c = y.double() - y.double().mean()
     eye = torch.eye(n, dtype=torch.float64)
     for k, lam in enumerate(fit.penalty.tolist()):
-        alpha = torch.linalg.lstsq(centred + n * lam * eye, y_c, rcond=None).solution
+        alpha = torch.linalg.lstsq(centred_gram + n * lam * eye, y_c, rcond=None).solution
         if lam == 0:
-            alpha = torch.linalg.pinv(centred, hermitian=True, rtol=1e-11) @ y_c
+            alpha = torch.linalg.pinv(centred_gram, hermitian=True, rtol=1e-11) @ y_c
         assert torch.allclose(fit.alpha[:, k], alpha, rtol=1e-6, atol=1e-7 * alpha.abs().max())
-        fitted = y.double().mean() + centred @ fit.alpha[:, k]
+        fitted = y.double().mean() + centred_gram @ fit.alpha[:, k]
         assert float(fit.mse[k]) == pytest.approx(float((y - fitted).square().mean()), abs=1e-10)
         # c makes f(x_i) = c + sum_j alpha_j k(x_i, x_j) the centred fit
         assert torch.allclose(fit.c[k] + gram @ fit.alpha[:, k], fitted, atol=1e-9)
         if lam > 0:
-            hat = centred @ torch.linalg.inv(centred + n * lam * eye)
+            hat = centred_gram @ torch.linalg.inv(centred_gram + n * lam * eye)
             assert float(fit.df[k]) == pytest.approx(1 + float(hat.trace()), rel=1e-8)
     assert fit.fallback and float(fit.mse[-1]) < 1e-12  # penalty 0 interpolates
     single = dual_ridge(spec, x, y, penalties[1:2], relative=True, degrees=False)
     assert torch.allclose(single.alpha[:, 0], fit.alpha[:, 1], rtol=1e-10, atol=1e-12)
-
-
-def centred_gram(spec: KernelSpec, x: torch.Tensor) -> torch.Tensor:
-    projector = torch.eye(len(x), dtype=torch.float64) - 1.0 / len(x)
-    return projector @ kernel_matrix(spec, x) @ projector
 
 
 def test_a_rank_deficient_kernel_at_penalty_zero_gives_the_minimum_norm_fit():
@@ -156,7 +156,7 @@ def test_a_rank_deficient_kernel_at_penalty_zero_gives_the_minimum_norm_fit():
     spec = KernelSpec("rf", "quadratic", False, "gaussian", 3)
     x, y = noisy_neuron(60, 3, 1)
     fit = dual_ridge(spec, x, y, [0.0], relative=False, degrees=False)
-    gram = centred_gram(spec, x)
+    gram = centred(kernel_matrix(spec, x))
     pinv = torch.linalg.pinv(gram, hermitian=True, rtol=len(y) * PIVOT_RCOND)
     expected = pinv @ (y.double() - y.double().mean())
     assert fit.fallback
@@ -169,7 +169,7 @@ def test_the_cholesky_factor_is_trusted_where_ridges_rule_trusts_it():
     # eigendecomposition exactly where ridge.cholesky_factor would not trust the factor.
     spec = KernelSpec("ntk", "relu", True, "gaussian", 3)
     x, y = noisy_neuron(150, 3, 0)
-    n, gram = len(y), centred_gram(spec, x)
+    n, gram = len(y), centred(kernel_matrix(spec, x))
     scale = float(gram.diagonal().max())
     verdicts = []
     for k in range(20, 34):
