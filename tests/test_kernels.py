@@ -304,8 +304,7 @@ def test_replicas_share_one_fit_or_fit_their_own_samples(run):
     assert own.model.x.shape[0] == 2 and not torch.equal(own.model.a[0], own.model.a[1])
     assert torch.equal(own.model.a[0], shared.model.a[0])  # replica 0's data is the shared data
     # each replica predicts from its own inputs (float32 predictions: 1e-6), and its penalty
-    # path's errors are its own
-    KERNEL_FITS.key = None
+    # path's errors are its own (another penalty: a fit of its own, not the cached one)
     own = run(
         "fit=rf_kernel", "n_train=200", "replicas=2", "replica_data=independent",
         "optimizer.penalty=[1e-3,1e-1]",
