@@ -46,6 +46,7 @@ Loss = _choices("Loss", "mse hinge logistic")
 Backward = _choices("Backward", "analytic autograd")
 InputName = _choices("InputName", "gaussian sphere hypercube")
 PenaltyScale = _choices("PenaltyScale", "relative absolute")
+GramProducts = _choices("GramProducts", "float64 float32")
 LrScaling = _choices("LrScaling", "parameterization uniform")
 TARGETS = ("relu_neuron", "polynomial", "zigzag", "parity")
 OPTIMIZERS = ("sgd", "adam", "ridge")
@@ -219,6 +220,7 @@ class RidgeConfig:
         default_factory=lambda: [10.0**k for k in range(-8, 3)]
     )  # the path that penalty=gcv picks from
     chunk_size: int | None = None
+    gram_products: GramProducts = GramProducts.float64  # float32: faster, checked (ridge.yaml)
     population: bool = False  # fit the exact population moments (no samples); see theory
     width_path: bool = False  # the error at every prefix width from one factorisation
 
@@ -577,6 +579,8 @@ def _validate_ridge(cfg: DictConfig) -> None:
             "fits only a model that is linear in its trained parameters: model=frozen or "
             "model=linearized, not model=trainable",
         )
+    if cfg.optimizer.gram_products == "float32":
+        _validate_float32_products(cfg)
     if cfg.optimizer.population:
         _validate_population(cfg)
     elif cfg.n_train is None:
@@ -678,6 +682,28 @@ EXACT_MOMENTS_NEED = {
 def exact_moments_apply(cfg: DictConfig) -> bool:
     """Whether the exact population moments of the features hold for this config."""
     return all(_get(cfg, key) in allowed for key, allowed in EXACT_MOMENTS_NEED.items())
+
+
+def _validate_float32_products(cfg: DictConfig) -> None:
+    """optimizer.gram_products=float32: a plain fit of one penalty on sampled features, the
+    one whose rounding error solvers.float32_fit estimates."""
+    opt = cfg.optimizer
+    if opt.population:
+        key, value, why = "optimizer.population", True, "draws no samples"
+    elif cfg.model.name == "kernel":
+        key, value, why = "model", "kernel", "has a closed-form kernel in float64, no features"
+    elif opt.width_path:
+        key, value, why = "optimizer.width_path", True, "solves at every width"
+    elif penalty_list(cfg) is not None:
+        key, value, why = "optimizer.penalty", opt.penalty, "fits a path of penalties"
+    else:
+        return
+    raise ConfigError(
+        "optimizer.gram_products",
+        "float32",
+        f"is checked for one fit of one penalty on sampled features, but {key}={value} {why}; "
+        "allowed there: float64",
+    )
 
 
 def _validate_population(cfg: DictConfig) -> None:

@@ -54,6 +54,15 @@ class Data:
             sample_inputs(self.kind, n, self.d, gen, self.device, out=x_r)
         return x, self.target(x.view(-1, self.d)).view(self.replicas, n)
 
+    def generator_states(self) -> list[torch.Tensor]:
+        """The streams' states, for :meth:`set_generator_states` to draw the same again."""
+        return [gen.get_state() for gen in self.gens]
+
+    def set_generator_states(self, states: list[torch.Tensor]) -> None:
+        """Put the streams back where :meth:`generator_states` found them."""
+        for gen, state in zip(self.gens, states, strict=True):
+            gen.set_state(state)
+
     def shuffle(self, n: int) -> torch.Tensor:
         """A fresh permutation of range(n) per stream: (n,) shared, (R, n) independent."""
         orders = [torch.randperm(n, generator=g, device=self.device) for g in self.gens]

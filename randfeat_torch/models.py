@@ -225,8 +225,14 @@ class TwoLayerNet(nn.Module):
                 param.grad = grad
 
     def ridge_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Features phi with f(x) = <phi(x), a> + c when the first layer is fixed: (R, n, width)."""
-        return self.features(x) * self.multiplier
+        """Features phi with f(x) = <phi(x), a> + c when the first layer is fixed: (R, n, width).
+        The values of ``features(x) * multiplier``, computed in the pre-activations' buffer
+        (unless autograd records them)."""
+        if torch.is_grad_enabled() and self.w.requires_grad:
+            return self.features(x) * self.multiplier
+        pre = self._pre_activations(x, self.w, self.b)
+        hidden = (pre.relu_() if self.act is torch.relu else self.act(pre)).mul_(self.multiplier)
+        return hidden.transpose(0, 1) if x.dim() == 2 else hidden
 
     def load_ridge_solution(self, beta: torch.Tensor, c: torch.Tensor) -> None:
         """Set the output layer from a fitted beta: (R, width) and c: (R,)."""

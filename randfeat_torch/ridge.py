@@ -20,6 +20,12 @@ import torch
 
 CHUNK_ELEMENTS = 2**22  # features held at once (float64: 32 MiB)
 GRAM_BLOCK = 256  # rows of the Gram matrix per matmul; only blocks on or below the diagonal
+# float32 products (``optimizer.gram_products=float32``): BLAS sums the products of at most
+# FLOAT32_RUN samples in float32, and each run's sums are added into the float64 ones.
+FLOAT32_RUN = 4096
+# The largest estimated relative error of beta (2-norm) that a float32-products fit may have:
+# above it the fit is done again with float64 products (see :func:`rounding_error`).
+FLOAT32_TOLERANCE = 1e-4
 
 
 class NotPositiveDefinite(ValueError):
@@ -37,17 +43,36 @@ class CentredMoments:
     mu: torch.Tensor
     y_mean: torch.Tensor
     y_var: torch.Tensor
+    rounding: RoundingProbe | None = None  # float32 products: the first run's exact rounding
+
+
+@dataclass
+class RoundingProbe:
+    """What float32 products rounded in the first run of a sum (see :class:`GramAccumulator`):
+    the exact (float64) sums of that run's products minus those its float32 products gave,
+    ``gram``: (R, P, P) (float32, its lower block triangle, as the Gram matrix is kept),
+    ``phi_sum`` and ``phi_y``: (R, P); ``runs``, how many runs the sums hold, and ``n`` the
+    samples in them."""
+
+    gram: torch.Tensor
+    phi_sum: torch.Tensor
+    phi_y: torch.Tensor
+    runs: int = 0
+    n: int = 0
 
 
 @dataclass
 class RidgeFit:
-    """The fitted beta: (R, P) and c: (R,), the training MSE (R,), and lambda used (R,)."""
+    """The fitted beta: (R, P) and c: (R,), the training MSE (R,), and lambda used (R,); with
+    float32 products the estimated relative error of beta from their rounding (R,) (see
+    :func:`rounding_error`; inf where the system had no trusted Cholesky factor)."""
 
     beta: torch.Tensor
     c: torch.Tensor
     train_mse: torch.Tensor
     penalty: torch.Tensor
     fallback: bool
+    rounding_error: torch.Tensor | None = None
 
 
 def gram_blocks(size: int) -> list[tuple[int, int]]:
@@ -56,10 +81,25 @@ def gram_blocks(size: int) -> list[tuple[int, int]]:
 
 
 class GramAccumulator:
-    """Running sums for centred least squares over chunks of (features, targets)."""
+    """Running sums for centred least squares over chunks of (features, targets), in float64.
 
-    def __init__(self, replicas: int, features: int, device: torch.device) -> None:
+    ``products``: the dtype the features' products are computed and summed in by BLAS. float64
+    (the default) rounds only as float64 does. float32 runs at about twice the float64 rate on
+    CPUs, and many times it on GPUs with slow float64: the products of each run of at most
+    FLOAT32_RUN samples are summed in float32, and the run's sums added into the float64 ones.
+    The first run is also summed in float64, which gives its rounding exactly (the moments'
+    ``rounding``), for :func:`rounding_error`."""
+
+    def __init__(
+        self,
+        replicas: int,
+        features: int,
+        device: torch.device,
+        products: torch.dtype = torch.float64,
+    ) -> None:
         kw = dict(dtype=torch.float64, device=device)
+        self.products, self.runs = products, 0
+        self.probe: RoundingProbe | None = None
         self.n = 0
         self.gram = torch.zeros(replicas, features, features, **kw)  # sum phi phi^T
         self.phi_y = torch.zeros(replicas, features, **kw)  # sum phi y
@@ -69,6 +109,12 @@ class GramAccumulator:
 
     def add(self, phi: torch.Tensor, y: torch.Tensor) -> None:
         """phi: (R, m, P), y: (m,) shared by the replicas or (R, m) one sample per replica."""
+        if self.products != torch.float64:
+            y = y.expand(phi.shape[0], phi.shape[1])
+            for start in range(0, phi.shape[1], FLOAT32_RUN):
+                stop = start + FLOAT32_RUN
+                self._add_run(phi[:, start:stop], y[:, start:stop])
+            return
         phi = phi.double()
         y = y.double().expand(phi.shape[0], phi.shape[1])
         self.n += y.shape[1]
@@ -83,6 +129,35 @@ class GramAccumulator:
         self.y_sum += y.sum(dim=1)
         self.y_sq += y.square().sum(dim=1)
 
+    def _add_run(self, phi: torch.Tensor, y: torch.Tensor) -> None:
+        """One run of at most FLOAT32_RUN samples in float32 products (phi: (R, m, P), y:
+        (R, m)); the first also in float64, into the probe."""
+        exact = phi.double() if self.runs == 0 else None
+        phi, y64 = phi.to(self.products), y.double()
+        if exact is not None:
+            self.probe = RoundingProbe(
+                torch.zeros(self.gram.shape, dtype=self.products, device=phi.device),
+                torch.zeros_like(self.phi_sum),
+                torch.zeros_like(self.phi_y),
+            )
+        for start, stop in gram_blocks(phi.shape[2]):
+            block = torch.bmm(phi[:, :, start:stop].transpose(1, 2), phi[:, :, :stop])
+            self.gram[:, start:stop, :stop] += block
+            if exact is not None:
+                rows, cols = exact[:, :, start:stop].transpose(1, 2), exact[:, :, :stop]
+                self.probe.gram[:, start:stop, :stop] = torch.bmm(rows, cols) - block
+        ones_y = torch.stack([torch.ones_like(y64), y64], dim=-1).to(phi.dtype)  # (R, m, 2)
+        sums = torch.bmm(phi.transpose(1, 2), ones_y).double()  # (R, P, 2)
+        self.phi_sum += sums[..., 0]
+        self.phi_y += sums[..., 1]
+        if exact is not None:
+            self.probe.phi_sum.copy_(exact.sum(dim=1) - sums[..., 0])
+            self.probe.phi_y.copy_(torch.einsum("rmp,rm->rp", exact, y64) - sums[..., 1])
+        self.n += y64.shape[1]
+        self.y_sum += y64.sum(dim=1)
+        self.y_sq += y64.square().sum(dim=1)
+        self.runs += 1
+
     def moments(self) -> CentredMoments:
         """The centred sample moments. Works in place on the Gram matrix, so that a solve holds
         two P x P matrices per replica (the system and its factor); the accumulator is spent
@@ -93,7 +168,10 @@ class GramAccumulator:
         y_mean = self.y_sum / n
         cov = self.gram.div_(n).baddbmm_(mu.unsqueeze(2), mu.unsqueeze(1), alpha=-1)  # Cov phi
         q = self.phi_y / n - mu * y_mean.unsqueeze(-1)  # Cov(phi, y)
-        return CentredMoments(cov, q, mu, y_mean, self.y_sq / n - y_mean.square())
+        var = self.y_sq / n - y_mean.square()
+        if self.probe is not None:
+            self.probe.runs, self.probe.n = self.runs, n
+        return CentredMoments(cov, q, mu, y_mean, var, self.probe)
 
 
 def mirror_lower(gram: torch.Tensor) -> torch.Tensor:
@@ -117,11 +195,43 @@ def solve_centred(moments: CentredMoments, penalty: torch.Tensor) -> RidgeFit:
     Var y - 2 <beta, q> + beta^T cov beta, on the same distribution as the moments."""
     cov, q = moments.cov, moments.q
     cov.diagonal(dim1=1, dim2=2).add_(penalty.unsqueeze(-1))
-    beta, fallback = solve_psd(cov, q)
+    beta, fallback, factor = solve_psd(cov, q)
     quadratic = torch.einsum("rp,rpq,rq->r", beta, cov, beta) - penalty * beta.square().sum(-1)
     mse = moments.y_var - 2 * (beta * q).sum(-1) + quadratic
     c = moments.y_mean - (moments.mu * beta).sum(-1)
-    return RidgeFit(beta, c, mse.clamp_min(0), penalty, fallback)
+    fit = RidgeFit(beta, c, mse.clamp_min(0), penalty, fallback)
+    if moments.rounding is not None:
+        fit.rounding_error = rounding_error(moments, factor, beta)
+    return fit
+
+
+def rounding_error(
+    moments: CentredMoments, factor: torch.Tensor | None, beta: torch.Tensor
+) -> torch.Tensor:
+    """The estimated relative error of beta, |d beta| / |beta| (R,), that float32 products
+    caused, from the exact rounding of their first run (``moments.rounding``).
+
+    To first order, sums perturbed by dG, d(sum phi) and d(sum phi y) move the solution of
+    (cov + lambda) beta = q by (cov + lambda)^{-1} (dq - dcov beta), with dcov = dG / n -
+    (dmu mu^T + mu dmu^T), dmu = d(sum phi) / n, dq = d(sum phi y) / n - dmu E y. Each run
+    rounds as the first one does, in size: their errors add up to at most ``runs`` times the
+    first's, which the estimate takes (independent roundings would add to about sqrt(runs)
+    times). ``factor``: the lower Cholesky factor of cov + lambda; None (an untrusted factor)
+    gives inf."""
+    probe = moments.rounding
+    if factor is None:
+        return torch.full_like(beta[:, 0], torch.inf)
+    n = probe.n
+    mirror_lower(probe.gram)
+    d_mu = probe.phi_sum / n
+    d_cov_beta = (
+        torch.bmm(probe.gram, beta.to(probe.gram.dtype).unsqueeze(-1)).squeeze(-1).double() / n
+        - d_mu * (moments.mu * beta).sum(-1, keepdim=True)
+        - moments.mu * (d_mu * beta).sum(-1, keepdim=True)
+    )
+    d_q = probe.phi_y / n - d_mu * moments.y_mean.unsqueeze(-1)
+    d_beta = cholesky_solve(factor, d_q - d_cov_beta)
+    return probe.runs * d_beta.norm(dim=-1) / beta.norm(dim=-1)
 
 
 PIVOT_RCOND = 1e-13  # times P times the largest diagonal entry: the smallest pivot^2 trusted
@@ -137,25 +247,32 @@ def cholesky_factor(system: torch.Tensor) -> torch.Tensor | None:
     return factor if bool(trusted.all()) else None
 
 
-def solve_psd(system: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, bool]:
+def cholesky_solve(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """x with L L^T x = rhs: factor L (R, P, P) lower, rhs (R, P)."""
+    # Two triangular solves: 10x faster than torch.cholesky_solve for one right-hand side here.
+    half = torch.linalg.solve_triangular(factor, rhs.unsqueeze(-1), upper=False)
+    return torch.linalg.solve_triangular(factor.mT, half, upper=True).squeeze(-1)
+
+
+def solve_psd(
+    system: torch.Tensor, rhs: torch.Tensor
+) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
     """Solve system @ x = rhs for symmetric PSD systems (R, P, P), rhs (R, P), in their dtype.
 
     Cholesky when every replica's factor exists with all pivots^2 above P * 1e-13 * the largest
     diagonal entry; otherwise the eigen-decomposition pseudo-inverse, dropping directions with
     eigenvalues below P * 1e-13 * the largest: the minimum-norm least-squares solution, still
     correct for rank-deficient features, where a plain Cholesky (or lstsq's default rcond in
-    float32) would silently go wrong. Returns (x, fell_back).
+    float32) would silently go wrong. Returns (x, fell_back, the Cholesky factor or None).
     """
     factor = cholesky_factor(system)
     if factor is not None:
-        # Two triangular solves: 10x faster than cholesky_solve for one right-hand side here.
-        half = torch.linalg.solve_triangular(factor, rhs.unsqueeze(-1), upper=False)
-        return torch.linalg.solve_triangular(factor.mT, half, upper=True).squeeze(-1), False
+        return cholesky_solve(factor, rhs), False, factor
     rcond = system.shape[-1] * PIVOT_RCOND
     eigenvalues, vectors = torch.linalg.eigh(system)
     kept = torch.where(eigenvalues > rcond * eigenvalues[:, -1:], eigenvalues, torch.inf)
     coords = (vectors.transpose(1, 2) @ rhs.unsqueeze(-1)).squeeze(-1) / kept
-    return (vectors @ coords.unsqueeze(-1)).squeeze(-1), True
+    return (vectors @ coords.unsqueeze(-1)).squeeze(-1), True, None
 
 
 def sampled_moments(
@@ -166,13 +283,14 @@ def sampled_moments(
     num_features: int,
     device: torch.device,
     chunk_size: int | None = None,
+    products: torch.dtype = torch.float64,
 ) -> CentredMoments:
     """The centred moments of n samples from ``draw(m) -> (x, y)``, x: (m, d) and y: (m,) shared
     by the replicas, or (R, m, d) and (R, m) one sample per replica, in chunks of
     ``chunk_size`` (default: about CHUNK_ELEMENTS features per chunk); ``features(x) ->
-    (R, m, P)``."""
+    (R, m, P)``; their products in ``products`` (see :class:`GramAccumulator`)."""
     chunk = chunk_size or max(1, CHUNK_ELEMENTS // (replicas * num_features))
-    sums = GramAccumulator(replicas, num_features, device)
+    sums = GramAccumulator(replicas, num_features, device, products)
     with torch.no_grad():
         for start in range(0, n, chunk):
             x, y = draw(min(chunk, n - start))
@@ -189,10 +307,13 @@ def fit_ridge(
     relative_penalty: float,
     device: torch.device,
     chunk_size: int | None = None,
+    products: torch.dtype = torch.float64,
 ) -> RidgeFit:
     """Ridge on n samples (see :func:`sampled_moments`) with the penalty relative to the
     features' mean variance (:func:`relative_lambda`)."""
-    moments = sampled_moments(features, draw, n, replicas, num_features, device, chunk_size)
+    moments = sampled_moments(
+        features, draw, n, replicas, num_features, device, chunk_size, products
+    )
     return solve_centred(moments, relative_lambda(moments.cov, relative_penalty))
 
 

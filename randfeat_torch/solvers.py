@@ -23,9 +23,11 @@ from randfeat_torch.kernels import KernelModel, fit_kernel
 from randfeat_torch.models import TwoLayerNet, ridge_feature_count
 from randfeat_torch.record import RunRecord
 from randfeat_torch.ridge import (
+    FLOAT32_TOLERANCE,
     CentredMoments,
     NotPositiveDefinite,
     PenaltyPath,
+    RidgeFit,
     WidthPath,
     factorise,
     path_widths,
@@ -120,11 +122,15 @@ POPULATION_FACTORS = FactorCache()
 
 
 def ridge_moments(
-    cfg: DictConfig, model: Model, data: Data, exact: ExactMoments | None
+    cfg: DictConfig,
+    model: Model,
+    data: Data,
+    exact: ExactMoments | None,
+    products: torch.dtype = torch.float64,
 ) -> CentredMoments:
     """The centred moments of the ridge features m * phi (m: the output multiplier): exact
     (``optimizer.population``, from ``exact``, whose tensors are taken over) or of n_train
-    fresh samples, streamed in chunks."""
+    fresh samples, streamed in chunks, their products in ``products``."""
     if exact is None:
         return sampled_moments(
             model.ridge_features,
@@ -134,6 +140,7 @@ def ridge_moments(
             num_features=ridge_feature_count(cfg.model),
             device=data.device,
             chunk_size=cfg.optimizer.chunk_size,
+            products=products,
         )
     m = model.multiplier
     kw = dict(dtype=torch.float64, device=exact.moments.mean.device)
@@ -177,10 +184,14 @@ def fit_by_ridge(
     fit_start = clock.mark()
     path, reused, penalties = None, False, penalty_list(cfg)
     kernel = isinstance(model, KernelModel)  # the width-infinity limit, in the dual
-    moments = None if kernel else ridge_moments(cfg, model, data, exact)
+    float32 = cfg.optimizer.gram_products == "float32"
+    rounding: dict[str, object] | None = None
+    moments = None if kernel or float32 else ridge_moments(cfg, model, data, exact)
     if kernel:
         fitted, kernel_record = fit_kernel(cfg, model, data)
-    if penalties is not None:
+    if float32:  # a plain fit (config.py), checked against its estimated rounding error
+        solution, rounding = float32_fit(cfg, model, data)
+    elif penalties is not None:
         if kernel:
             path = fitted
         else:
@@ -230,6 +241,8 @@ def fit_by_ridge(
             "factor_reused": reused,
         }
     }
+    if rounding is not None:
+        fields["ridge"]["float32_products"] = rounding
     if kernel:
         fields["kernel"] = kernel_record
     if penalties is not None:
@@ -241,6 +254,30 @@ def fit_by_ridge(
     record.write("running", **fields)
     status = "ok" if bool(finite.all()) else "diverged"
     return status, metrics, 1, 1 / fit_time
+
+
+def float32_fit(cfg: DictConfig, model: Model, data: Data) -> tuple[RidgeFit, dict[str, object]]:
+    """The plain sampled fit with float32 products (``optimizer.gram_products=float32``), and
+    what the record says of it: each replica's estimated relative error of beta from their
+    rounding (:func:`randfeat_torch.ridge.rounding_error`), and whether it was above
+    FLOAT32_TOLERANCE for any replica, in which case the same samples, drawn again, are
+    fitted with float64 products and that fit is returned."""
+    states = data.generator_states()
+    moments = ridge_moments(cfg, model, data, None, torch.float32)
+    solution = solve_centred(moments, ridge_penalty(cfg, model, moments, cfg.optimizer.penalty))
+    error = solution.rounding_error
+    refit = not bool((error <= FLOAT32_TOLERANCE).all())
+    if refit:
+        del moments, solution  # free the float32 fit's Gram matrix before the next
+        data.set_generator_states(states)
+        moments = ridge_moments(cfg, model, data, None, torch.float64)
+        solution = solve_centred(moments, ridge_penalty(cfg, model, moments, cfg.optimizer.penalty))
+    record = {
+        "estimated_error": [e if math.isfinite(e) else None for e in error.tolist()],
+        "tolerance": FLOAT32_TOLERANCE,
+        "refit_in_float64": refit,
+    }
+    return solution, record
 
 
 PATH_RECORD_RATIO = 2 ** (1 / 16)  # the record keeps the path at every width to 64, then this

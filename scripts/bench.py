@@ -39,7 +39,12 @@ moves both sides alike:
   512): the fits' seconds, one of each (20000^2 float64 is 3.2 GB), with the kernel matrix's
   share and the process's peak resident memory after it;
 - compile (measured, no target): the gradient step compiled as ``compile=true`` compiles it vs
-  eager, d=64, width=1024, batch=256, and the seconds the compilation took.
+  eager, d=64, width=1024, batch=256, and the seconds the compilation took;
+- ridge vs scikit-learn (with the optional ``[compare]`` extra): scikit-learn's seconds for
+  ``Ridge(solver="cholesky")`` on the features in memory over ours for the sampled fit (frozen,
+  no hidden bias, d=64, width=2048, n_train=65536), with the features' products in float64
+  (the default) and in float32 (``optimizer.gram_products=float32``): one figure each, the
+  three fits timed in turn (see :func:`ridge_vs_sklearn`).
 
 On CUDA every time is taken with CUDA events (see :class:`randfeat_torch.device.Stopwatch`).
 """
@@ -74,7 +79,7 @@ from randfeat_torch.ridge import (
     sampled_moments,
     solve_centred,
 )
-from randfeat_torch.solvers import POPULATION_FACTORS
+from randfeat_torch.solvers import POPULATION_FACTORS, float32_fit, ridge_moments
 from randfeat_torch.targets import build_target
 from randfeat_torch.trainer import compile_step, train
 
@@ -97,6 +102,7 @@ TARGETS = {
     "compile": None,  # measured to decide where compile=true pays; no target
     "kernel_fit": None,  # kernel ridge seconds / random-features ridge seconds: measured
     "ridge_vs_sklearn": 1.5,  # scikit-learn's seconds / ours, sampled ridge (with [compare])
+    "ridge_vs_sklearn_float32": 1.5,  # the same with optimizer.gram_products=float32
 }
 
 
@@ -272,18 +278,20 @@ def closed_form_vs_sgd(ours: Trainer, quick: bool, repeats: int) -> dict[str, di
     return figures
 
 
-def ridge_vs_sklearn(quick: bool, repeats: int) -> dict | None:
+def ridge_vs_sklearn(quick: bool, repeats: int) -> dict[str, dict]:
     """The sampled ridge fit (``optimizer=ridge``, frozen, no hidden bias, d=64, width=2048,
     n_train=65536; quick: width=512, n_train=8192) against scikit-learn's
     ``Ridge(solver="cholesky")`` on the same samples' features held in memory (float32), with
-    the same penalty (alpha = n lambda): seconds of each, interleaved, medians, and their test
-    errors. Ours streams in bounded memory and its seconds include drawing the samples and
-    their features; scikit-learn's are the fit alone. None without scikit-learn
-    (``pip install -e .[compare]``)."""
+    the same penalty (alpha = n lambda): seconds of each, timed in turn, medians, and their
+    test errors. Ours is timed with the features' products in float64 (the default) and in
+    float32 (``optimizer.gram_products=float32``, its rounding check and any refit in float64
+    included), one figure each. Ours streams in bounded memory and its seconds include drawing
+    the samples and their features; scikit-learn's are the fit alone. Empty without
+    scikit-learn (``pip install -e .[compare]``)."""
     try:
         from sklearn.linear_model import Ridge
     except ImportError:
-        return None
+        return {}
     register_resolvers()
     n, width = (8192, 512) if quick else (65536, 2048)
     overrides = ["model=frozen", "model.bias=false", "optimizer=ridge", "d=64", "device=cpu"]
@@ -292,24 +300,29 @@ def ridge_vs_sklearn(quick: bool, repeats: int) -> dict | None:
     device = torch.device("cpu")
     target = build_target(cfg.target, device)
     model, test_set = build_model(cfg.model, cfg.seed, device), TestSet(cfg, target, device)
-    chunk = max(1, CHUNK_ELEMENTS // width)  # as the fit draws them
-    fits: dict[str, dict] = {}
+    errors: dict[str, float] = {}
+    checks: dict[str, object] = {}
+    lam: list[float] = []
 
     def test_error(beta: torch.Tensor, c: float) -> float:
         f = model.ridge_features(test_set.x)[0].double() @ beta.double() + c
         return float((f - test_set.y.double()).square().mean() / test_set.variance)
 
-    def ours() -> float:
+    def ours(products: str) -> float:
         data = training_data(cfg, target, device)  # the same seed, the same samples each time
         clock = time.perf_counter()
-        moments = sampled_moments(model.ridge_features, data.draw, n, 1, width, device, chunk)
-        lam = relative_lambda(moments.cov, cfg.optimizer.penalty)
-        fit = solve_centred(moments, lam)
+        if products == "float32":
+            fit, checks[products] = float32_fit(cfg, model, data)
+        else:
+            moments = ridge_moments(cfg, model, data, None)
+            fit = solve_centred(moments, relative_lambda(moments.cov, cfg.optimizer.penalty))
         seconds = time.perf_counter() - clock
-        fits["ours"] = {"error": test_error(fit.beta[0], float(fit.c[0])), "lambda": float(lam)}
-        return 1 / seconds
+        errors[products] = test_error(fit.beta[0], float(fit.c[0]))
+        lam[:] = [float(fit.penalty[0])]
+        return seconds
 
     data = training_data(cfg, target, device)
+    chunk = max(1, CHUNK_ELEMENTS // width)
     features, targets = torch.empty(n, width), torch.empty(n)
     with torch.no_grad():
         for start in range(0, n, chunk):
@@ -319,23 +332,35 @@ def ridge_vs_sklearn(quick: bool, repeats: int) -> dict | None:
     features_np, targets_np = features.numpy(), targets.numpy()
 
     def sklearn() -> float:
-        alpha = n * fits["ours"]["lambda"]  # sklearn: |y - X b - c|^2 + alpha |b|^2
+        alpha = n * lam[0]  # sklearn: |y - X b - c|^2 + alpha |b|^2
         clock = time.perf_counter()
         fitted = Ridge(alpha=alpha, solver="cholesky").fit(features_np, targets_np)
         seconds = time.perf_counter() - clock
-        beta = torch.from_numpy(fitted.coef_)
-        fits["sklearn"] = {"error": test_error(beta, float(fitted.intercept_))}
-        return 1 / seconds
+        errors["sklearn"] = test_error(torch.from_numpy(fitted.coef_), float(fitted.intercept_))
+        return seconds
 
-    ours()  # the penalty, for scikit-learn's alpha
-    figure = interleaved(sklearn, ours, repeats)
-    return {
-        "sklearn_s": 1 / figure["baseline"],
-        "ours_s": 1 / figure["ours"],
-        "ratio": figure["ratio"],
-        "errors": {name: fit["error"] for name, fit in fits.items()},
-        "shape": {"d": 64, "width": width, "n_train": n},
-    }
+    ours("float64")  # the penalty, for scikit-learn's alpha
+    seconds: dict[str, list[float]] = {"sklearn": [], "float64": [], "float32": []}
+    for _ in range(repeats):  # in turn, so that a slow spell of the machine hits all three
+        seconds["sklearn"].append(sklearn())
+        for products in ("float64", "float32"):
+            seconds[products].append(ours(products))
+    median = {k: statistics.median(v) for k, v in seconds.items()}
+    figures = {}
+    for name, products in (
+        ("ridge_vs_sklearn", "float64"),
+        ("ridge_vs_sklearn_float32", "float32"),
+    ):
+        figures[name] = {
+            "sklearn_s": median["sklearn"],
+            "ours_s": median[products],
+            "ratio": median["sklearn"] / median[products],
+            "error": errors[products],
+            "sklearn_error": errors["sklearn"],
+            "shape": {"d": 64, "width": width, "n_train": n},
+        }
+    figures["ridge_vs_sklearn_float32"]["check"] = checks["float32"]
+    return figures
 
 
 def width_path_cost(ours: Trainer, quick: bool, repeats: int) -> dict[str, dict]:
@@ -557,8 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     figures["penalty_path"] = penalty_path_vs_eigh(quick, 1 if quick else 3)
     figures["laziness"] = laziness_overhead(ours, quick, 2 if quick else 5)
     figures["kernel_fit"] = kernel_fit_cost(ours, quick)
-    if (versus := ridge_vs_sklearn(quick, 2 if quick else 5)) is not None:
-        figures["ridge_vs_sklearn"] = versus
+    figures.update(ridge_vs_sklearn(quick, 2 if quick else 5))
 
     startups = 1 if quick else repeats  # a quick run checks the row, not the figure
     bare = startup_seconds([sys.executable, "-c", "import torch"], startups)

@@ -7,7 +7,8 @@
 #   device.txt       the GPU, torch and CUDA versions
 #   tests.log        the test suite with every run it trains on CUDA (RANDFEAT_TEST_DEVICE=cuda)
 #   runs.log         end-to-end `train.py device=cuda` runs: SGD, compile=true, 16 replicas with
-#                    one rate each, ridge on samples, the population fit
+#                    one rate each, ridge on samples (float64 and float32 products), the
+#                    population fit
 #   bench.log        `scripts/bench.py --device cuda`, and its bench-cuda.json
 #   summary.txt      each stage's exit status
 #
@@ -61,7 +62,9 @@ train() {  # train NAME SECONDS OVERRIDES...
 train sgd 30 d=64 width=1024
 train compile 60 d=64 width=1024 compile=true
 train replicas 30 d=32 width=256 replicas=16 "optimizer.lr=[$(seq -s, 0.05 0.05 0.8)]"
-train ridge 30 model=frozen optimizer=ridge d=64 width=2048 n_train=40000
+train ridge 20 model=frozen optimizer=ridge d=64 width=2048 n_train=40000
+train ridge_float32 20 model=frozen optimizer=ridge d=64 width=2048 n_train=40000 \
+    optimizer.gram_products=float32
 train population 30 fit=rf_population d=64 width=2048
 # The records, for the steps/s and errors measured there.
 for record in "$runs"/*/metrics.json; do

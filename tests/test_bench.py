@@ -29,6 +29,7 @@ RATIO_OF = {
     "kernel_fit": ("kernel_s", "ridge_s"),
     "startup": ("train_py_s", "import_torch_s"),
     "ridge_vs_sklearn": ("sklearn_s", "ours_s"),
+    "ridge_vs_sklearn_float32": ("sklearn_s", "ours_s"),
 }
 
 
@@ -45,7 +46,8 @@ def test_bench_quick_produces_every_figure(tmp_path):
     bench = json.loads(out.read_text())
     figures = bench["figures"]
     # scikit-learn's row only where the optional [compare] extra is installed
-    without = set() if importlib.util.find_spec("sklearn") else {"ridge_vs_sklearn"}
+    sklearn = {"ridge_vs_sklearn", "ridge_vs_sklearn_float32"}
+    without = set() if importlib.util.find_spec("sklearn") else sklearn
     assert (
         set(figures) | without
         == set(bench["targets"])
@@ -65,6 +67,7 @@ def test_bench_quick_produces_every_figure(tmp_path):
             "kernel_fit",
             "sweep_overhead",
             "ridge_vs_sklearn",
+            "ridge_vs_sklearn_float32",
         }
     )
     for name, figure in figures.items():

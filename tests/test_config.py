@@ -189,6 +189,35 @@ def test_groups_read_the_top_level_knobs(make_cfg):
         ("model=frozen optimizer=ridge n_train=100 loss=hinge", "loss=hinge (optimizer=ridge"),
         ("lazy_probe=-1", "lazy_probe=-1 (must be an integer >= 0 (0: no laziness measures))"),
         ("steps_to_error=[0.1,-1]", "steps_to_error.1=-1.0 (must be a finite number > 0)"),
+        (
+            "model=frozen optimizer=ridge n_train=100 optimizer.gram_products=float16",
+            "optimizer.gram_products=float16 (allowed: float64, float32)",
+        ),
+        (
+            "model=frozen optimizer=ridge optimizer.population=true "
+            "optimizer.gram_products=float32",
+            "gram_products=float32 (is checked for one fit of one penalty on sampled features, "
+            "but optimizer.population=True draws no samples; allowed there: float64)",
+        ),
+        (
+            "model=kernel optimizer=ridge n_train=100 optimizer.gram_products=float32",
+            "but model=kernel has a closed-form kernel in float64, no features; allowed there",
+        ),
+        (
+            "model=frozen optimizer=ridge n_train=100 optimizer.gram_products=float32 "
+            "optimizer.width_path=true optimizer.penalty_scale=absolute",
+            "but optimizer.width_path=True solves at every width; allowed there: float64",
+        ),
+        (
+            "model=frozen optimizer=ridge n_train=100 optimizer.gram_products=float32 "
+            "optimizer.penalty=[0.1,1]",
+            "but optimizer.penalty=[0.1, 1] fits a path of penalties; allowed there: float64",
+        ),
+        (
+            "model=frozen optimizer=ridge n_train=100 optimizer.gram_products=float32 "
+            "optimizer.penalty=gcv",
+            "but optimizer.penalty=gcv fits a path of penalties; allowed there: float64",
+        ),
     ],
 )
 def test_bad_values_are_refused_with_one_sentence(override, message):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -9,7 +10,15 @@ import torch
 
 from randfeat_torch.config import ConfigError
 from randfeat_torch.models import TwoLayerNet
-from randfeat_torch.ridge import GRAM_BLOCK, fit_ridge
+from randfeat_torch.ridge import (
+    FLOAT32_RUN,
+    FLOAT32_TOLERANCE,
+    GRAM_BLOCK,
+    GramAccumulator,
+    fit_ridge,
+    relative_lambda,
+    solve_centred,
+)
 
 CPU = torch.device("cpu")
 EPS32, EPS64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
@@ -274,3 +283,105 @@ def test_a_population_run_computes_its_moments_once(run, monkeypatch):
     assert 0 < result.theory["rf_population_error"] < 1
     sampled = run("model=frozen", "optimizer=ridge", "n_train=500", "width=64")
     assert len(calls) == 2 and "rf_population_error" in sampled.theory  # theory's own
+
+
+def float32_problem(n: int, seed: int = 2, replicas: int = 2):
+    """The features of a net past two Gram blocks (uneven) for two replicas, and a noisy ReLU
+    target: (phi, y)."""
+    width = 2 * GRAM_BLOCK + 33
+    net = TwoLayerNet(d=6, width=width, replicas=replicas, freeze_first_layer=True, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 5)
+    x = torch.randn(n, 6, generator=gen)
+    y = torch.relu(x[:, 0]) + 0.1 * torch.randn(n, generator=gen)
+    with torch.no_grad():
+        return net.ridge_features(x), y
+
+
+def accumulate(phi: torch.Tensor, y: torch.Tensor, products: torch.dtype) -> GramAccumulator:
+    sums = GramAccumulator(phi.shape[0], phi.shape[2], CPU, products)
+    sums.add(phi, y)
+    return sums
+
+
+def test_float32_products_sum_runs_within_float32s_bound_and_probe_the_first_exactly():
+    n = 2 * FLOAT32_RUN + 1808
+    phi, y = float32_problem(n)
+    exact, rounded = accumulate(phi, y, torch.float64), accumulate(phi, y, torch.float32)
+    assert rounded.runs == 3 and rounded.n == n
+    lower = torch.ones(phi.shape[2], phi.shape[2]).tril().bool()  # float64 holds block rows
+    error = (rounded.gram - exact.gram)[:, lower]
+    # Higham's bound for a float32 sum of k products (the inputs are float32, exact in both):
+    # |error| <= gamma_k sum |phi_a| |phi_b|, gamma_k = k u / (1 - k u), u = 2^-24, k the run.
+    p = phi.double().abs()
+    scale = (p.transpose(1, 2) @ p)[:, lower]
+    u = 2.0**-24
+    gamma = FLOAT32_RUN * u / (1 - FLOAT32_RUN * u)
+    assert bool((error.abs() <= gamma * scale).all())
+    assert bool((error != 0).any())  # the products really were float32 sums
+    # The probe is what the first run lost: the float32 sums of its samples against float64.
+    first = slice(0, FLOAT32_RUN)
+    one_exact = accumulate(phi[:, first], y[first], torch.float64)
+    one_rounded = accumulate(phi[:, first], y[first], torch.float32)
+    lost = (one_exact.gram - one_rounded.gram)[:, lower]
+    # float64 sums of the same products in two orders differ by up to k eps64 of the scale;
+    # the probe holds the difference in float32 (eps32 of it).
+    slack = FLOAT32_RUN * EPS64 * scale + EPS32 * lost.abs()
+    assert bool(((rounded.probe.gram[:, lower] - lost).abs() <= slack).all())
+    for name in ("phi_sum", "phi_y"):
+        lost = getattr(one_exact, name) - getattr(one_rounded, name)
+        weights = p.sum(1) if name == "phi_sum" else (p * y.double().abs()[:, None]).sum(1)
+        slack = FLOAT32_RUN * EPS64 * weights
+        assert bool(((getattr(rounded.probe, name) - lost).abs() <= slack).all()), name
+
+
+def test_the_rounding_estimate_is_first_order_exact_for_one_run_and_above_the_error_of_many():
+    """A well-conditioned problem (penalty 1e-2, where first-order perturbation theory holds):
+    for one run the estimate is |d beta| / |beta| to first order; for many runs, it takes the
+    first run's error times the runs, above their sum (independent roundings: about sqrt)."""
+    for n, runs in ((FLOAT32_RUN, 1), (6 * FLOAT32_RUN, 6)):
+        phi, y = float32_problem(n, seed=4)
+        fits = {}
+        for products in (torch.float64, torch.float32):
+            moments = accumulate(phi, y, products).moments()
+            fits[products] = solve_centred(moments, relative_lambda(moments.cov, 1e-2))
+        exact, rounded = fits[torch.float64], fits[torch.float32]
+        assert exact.rounding_error is None
+        actual = (rounded.beta - exact.beta).norm(dim=-1) / exact.beta.norm(dim=-1)
+        estimate = rounded.rounding_error
+        assert bool((actual > 0).all()) and bool((estimate < 1e-2).all())
+        if runs == 1:  # second-order terms: about estimate^2 relative to it, and float64's
+            assert torch.allclose(estimate, actual, rtol=0.01), (estimate, actual)
+        else:
+            assert bool((actual <= estimate).all()), (estimate, actual)
+
+
+def test_a_float32_products_run_keeps_its_fit_only_below_the_tolerance(run):
+    """Well conditioned (no hidden bias): the float32 fit is kept, and its output layer is as
+    close to the float64 run's as the estimate says (plus loading beta into float32 weights).
+    Ill conditioned (d=4, width=128, hidden bias, penalty 1e-8): the estimate is far above the
+    tolerance, and the run is the float64 run, bit for bit, from the same samples drawn again."""
+    float32 = "optimizer.gram_products=float32"
+    for case, kept in (
+        (["model.bias=false", "d=8", "width=64"], True),
+        (["d=4", "width=128"], False),
+    ):
+        common = ["model=frozen", "optimizer=ridge", "n_train=20000", *case]
+        exact, rounded = run(*common), run(*common, float32)
+        record = json.loads((rounded.run_dir / "metrics.json").read_text())["ridge"]
+        check = record["float32_products"]
+        assert check["tolerance"] == FLOAT32_TOLERANCE
+        assert check["refit_in_float64"] is not kept
+        (estimate,) = check["estimated_error"]
+        a, a_exact = rounded.model.a.detach(), exact.model.a.detach()
+        if kept:
+            assert estimate <= FLOAT32_TOLERANCE
+            distance = float((a - a_exact).norm() / a_exact.norm())
+            assert 0 < distance <= estimate + 2 * EPS32
+        else:
+            assert estimate > 100 * FLOAT32_TOLERANCE
+            assert torch.equal(a, a_exact)
+            assert torch.equal(rounded.metrics["test_error"], exact.metrics["test_error"])
+            assert (
+                record["lambda"]
+                == json.loads((exact.run_dir / "metrics.json").read_text())["ridge"]["lambda"]
+            )
