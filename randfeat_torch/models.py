@@ -227,8 +227,8 @@ class TwoLayerNet(nn.Module):
     def ridge_features(self, x: torch.Tensor) -> torch.Tensor:
         """Features phi with f(x) = <phi(x), a> + c when the first layer is fixed: (R, n, width).
         The values of ``features(x) * multiplier``, computed in the pre-activations' buffer
-        (unless autograd records them)."""
-        if torch.is_grad_enabled() and self.w.requires_grad:
+        where autograd is off (backward would need the activations that it overwrites)."""
+        if torch.is_grad_enabled():
             return self.features(x) * self.multiplier
         pre = self._pre_activations(x, self.w, self.b)
         hidden = (pre.relu_() if self.act is torch.relu else self.act(pre)).mul_(self.multiplier)

@@ -163,3 +163,16 @@ def test_a_failed_factor_whose_eigendecomposition_does_not_fit_names_the_penalty
     monkeypatch.setattr(device, "free_memory", lambda name: (need, "available here"))
     fit = dual_ridge(spec, x, x[:, 0], [1e-300], relative=True, degrees=False)
     assert fit.fallback
+
+
+def test_float32_products_count_their_rounding_check_in_the_ridge_memory_check(monkeypatch, capsys):
+    """3 Gram-sized float64 matrices at width 4096 (0.375 GiB) fit in half of 0.8 GiB; float32
+    products hold the first run's rounding too, R P^2 float32 (3.5 in all: 0.4375 GiB)."""
+    monkeypatch.setattr(device, "free_memory", lambda name: (int(0.8 * GIB), "available here"))
+    common = [*SMALL, "model=frozen", "optimizer=ridge", "n_train=100", "width=4096"]
+    cli.precheck(common)
+    with pytest.raises(SystemExit) as refused:
+        cli.precheck([*common, "optimizer.gram_products=float32"])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid config: width=4096 (ridge on 4096 features x 1 replica needs about 0.438" in err

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from randfeat_torch.models import LinearizedNet, TwoLayerNet
+from randfeat_torch.models import ACTIVATION_FUNCTIONS, LinearizedNet, TwoLayerNet
 from randfeat_torch.targets import replica_seed
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -166,3 +166,33 @@ def test_frozen_net_is_linear_in_its_ridge_features():
     x = torch.randn(7, 3)
     expected = (net.ridge_features(x) @ beta.unsqueeze(-1)).squeeze(-1) + c.unsqueeze(1)
     assert (net(x) - expected).abs().le(sum_rounding(net.ridge_features(x), beta, c)).all()
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATION_FUNCTIONS))
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shared", [True, False])
+def test_ridge_features_computed_in_place_are_the_features_times_the_multiplier(
+    activation, bias, shared
+):
+    net = TwoLayerNet(3, 5, replicas=2, freeze_first_layer=True, activation=activation, bias=bias)
+    x = torch.randn(7, 3) if shared else torch.randn(2, 7, 3)
+    before = x.clone()
+    with torch.no_grad():
+        phi, expected = net.ridge_features(x), net.features(x) * net.multiplier
+    assert torch.equal(phi, expected) and torch.equal(x, before)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_ridge_features_backpropagate_as_the_features_times_the_multiplier_do(frozen, activation):
+    """Under autograd (to the inputs of a frozen net, or to a trainable net's first layer)
+    nothing is overwritten that the backward needs."""
+    net = TwoLayerNet(3, 5, replicas=2, freeze_first_layer=frozen, activation=activation)
+    grads = []
+    for features in (net.ridge_features, lambda x: net.features(x) * net.multiplier):
+        net.zero_grad()
+        x = torch.randn(7, 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        features(x).square().sum().backward()
+        grads.append([x.grad] + ([] if frozen else [net.w.grad.clone(), net.b.grad.clone()]))
+    for ours, reference in zip(*grads, strict=True):
+        assert torch.equal(ours, reference)

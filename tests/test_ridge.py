@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from randfeat_torch import solvers
 from randfeat_torch.config import ConfigError
 from randfeat_torch.models import TwoLayerNet
 from randfeat_torch.ridge import (
@@ -385,3 +386,60 @@ def test_a_float32_products_run_keeps_its_fit_only_below_the_tolerance(run):
                 record["lambda"]
                 == json.loads((exact.run_dir / "metrics.json").read_text())["ridge"]["lambda"]
             )
+
+
+def test_identical_runs_reach_the_estimate_of_runs_times_the_first():
+    """Five copies of one run round alike, so their errors add up to five times the first's:
+    the estimate's worst case is reached, and it is first-order exact."""
+    phi, y = float32_problem(FLOAT32_RUN, seed=4)
+    phi, y = phi.repeat(1, 5, 1), y.repeat(5)
+    fits = {}
+    for products in (torch.float64, torch.float32):
+        moments = accumulate(phi, y, products).moments()
+        fits[products] = solve_centred(moments, relative_lambda(moments.cov, 1e-2))
+    exact, rounded = fits[torch.float64], fits[torch.float32]
+    actual = (rounded.beta - exact.beta).norm(dim=-1) / exact.beta.norm(dim=-1)
+    assert torch.allclose(rounded.rounding_error, actual, rtol=0.01), (
+        rounded.rounding_error,
+        actual,
+    )
+
+
+def test_a_system_without_a_trusted_factor_has_no_estimate_and_is_refitted(run):
+    """Width 64 > n_train = 40 at penalty 0: singular, no trusted Cholesky factor; the
+    estimate is infinite (null in the strict JSON record) and the run is the float64 run."""
+    common = ["model=frozen", "optimizer=ridge", "n_train=40", "optimizer.penalty=0"]
+    exact, rounded = run(*common), run(*common, "optimizer.gram_products=float32")
+    record = json.loads((rounded.run_dir / "metrics.json").read_text())["ridge"]
+    assert record["eigen_fallback"] is True
+    assert record["float32_products"]["estimated_error"] == [None]
+    assert record["float32_products"]["refit_in_float64"] is True
+    assert torch.equal(rounded.model.a.detach(), exact.model.a.detach())
+
+
+@pytest.mark.parametrize(
+    ("errors", "refit"),
+    [
+        ([FLOAT32_TOLERANCE, FLOAT32_TOLERANCE], False),  # at the tolerance: kept
+        ([0.0, 2 * FLOAT32_TOLERANCE], True),  # any replica above it: refitted
+        ([2 * FLOAT32_TOLERANCE, 0.0], True),
+    ],
+)
+def test_the_refit_is_decided_from_every_replicas_estimate(run, monkeypatch, errors, refit):
+    def with_errors(moments, penalty):
+        fit = solve_centred(moments, penalty)
+        if fit.rounding_error is not None:
+            fit.rounding_error = torch.tensor(errors, dtype=torch.float64)
+        return fit
+
+    monkeypatch.setattr(solvers, "solve_centred", with_errors)
+    result = run(
+        "model=frozen",
+        "optimizer=ridge",
+        "n_train=500",
+        "replicas=2",
+        "optimizer.gram_products=float32",
+    )
+    record = json.loads((result.run_dir / "metrics.json").read_text())["ridge"]
+    assert record["float32_products"]["estimated_error"] == errors
+    assert record["float32_products"]["refit_in_float64"] is refit
