@@ -11,6 +11,7 @@ a command line that :func:`precheck` refuses is then refused in about 0.5 s rath
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pickle
 import re
@@ -232,7 +233,24 @@ def summary_line(cfg: DictConfig, result: RunResult) -> str:
         f"[{result.status}] {cfg.model.name} on {cfg.target.name}: d={cfg.d} width={cfg.width} "
         f"-> test error {error} after {result.steps_done} steps, {result.wall_time_s:.1f} s "
         f"({result.steps_per_s:.0f} steps/s, {result.device}); "
-        f"record and TensorBoard logs in {result.run_dir}"
+        f"record and TensorBoard logs in {result.run_dir}" + float32_refit_note(cfg, result.run_dir)
+    )
+
+
+def float32_refit_note(cfg: DictConfig, run_dir: Path) -> str:
+    """For a ridge fit with ``optimizer.gram_products=float32`` that was refitted in float64
+    (its record says so), a sentence that says it; else nothing."""
+    record = run_dir / "metrics.json"
+    float32 = cfg.optimizer.name == "ridge" and cfg.optimizer.gram_products == "float32"
+    if not float32 or not record.exists():
+        return ""
+    check = json.loads(record.read_text()).get("ridge", {}).get("float32_products")
+    if not check or not check["refit_in_float64"]:
+        return ""
+    estimates = ", ".join("none" if e is None else f"{e:.2g}" for e in check["estimated_error"])
+    return (
+        f"; the float32 products' estimated error of beta ({estimates}) was above "
+        f"{check['tolerance']:g}, so the fit was done again in float64"
     )
 
 

@@ -689,11 +689,11 @@ def _validate_float32_products(cfg: DictConfig) -> None:
     one whose rounding error solvers.float32_fit estimates."""
     opt = cfg.optimizer
     if opt.population:
-        key, value, why = "optimizer.population", True, "draws no samples"
+        key, value, why = "optimizer.population", "true", "draws no samples"
     elif cfg.model.name == "kernel":
         key, value, why = "model", "kernel", "has a closed-form kernel in float64, no features"
     elif opt.width_path:
-        key, value, why = "optimizer.width_path", True, "solves at every width"
+        key, value, why = "optimizer.width_path", "true", "solves at every width"
     elif penalty_list(cfg) is not None:
         key, value, why = "optimizer.penalty", opt.penalty, "fits a path of penalties"
     else:

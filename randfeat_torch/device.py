@@ -237,8 +237,8 @@ def check_machine(cfg: DictConfig) -> None:
             )
         return
     ridge_features = ridge_feature_count(cfg.model)
-    # float64 Gram, its factor, and headroom; float32 products add their rounding probe
-    grams = 3.5 if cfg.optimizer.get("gram_products") == "float32" else 3
+    # float64 Gram, its factor, and headroom; float32 products add a run and its rounding
+    grams = 4 if cfg.optimizer.get("gram_products") == "float32" else 3
     need = grams * cfg.replicas * ridge_features**2 * 8
     if need > RIDGE_MEMORY_FRACTION * free:
         raise ConfigError(

@@ -20,9 +20,10 @@ import torch
 
 CHUNK_ELEMENTS = 2**22  # features held at once (float64: 32 MiB)
 GRAM_BLOCK = 256  # rows of the Gram matrix per matmul; only blocks on or below the diagonal
-# float32 products (``optimizer.gram_products=float32``): BLAS sums the products of at most
-# FLOAT32_RUN samples in float32, and each run's sums are added into the float64 ones.
-FLOAT32_RUN = 4096
+# float32 products (``optimizer.gram_products=float32``): BLAS sums the products of runs of
+# FLOAT32_RUN samples (whatever the chunks) in float32, and each run is added into the float64
+# sums.
+FLOAT32_RUN = 2048
 # The largest estimated relative error of beta (2-norm) that a float32-products fit may have:
 # above it the fit is done again with float64 products (see :func:`rounding_error`).
 FLOAT32_TOLERANCE = 1e-4
@@ -48,11 +49,11 @@ class CentredMoments:
 
 @dataclass
 class RoundingProbe:
-    """What float32 products rounded in the first run of a sum (see :class:`GramAccumulator`):
-    the exact (float64) sums of that run's products minus those its float32 products gave,
-    ``gram``: (R, P, P) (float32, its lower block triangle, as the Gram matrix is kept),
-    ``phi_sum`` and ``phi_y``: (R, P); ``runs``, how many runs the sums hold, and ``n`` the
-    samples in them."""
+    """What float32 products round in a run (see :class:`GramAccumulator`): the exact (float64)
+    sums of the first run's products minus those its float32 products give, ``gram``:
+    (R, P, P) (float32, its lower block triangle, as the Gram matrix is kept), ``phi_sum`` and
+    ``phi_y``: (R, P); ``runs``, how many runs the sums hold (the first, exact, included), and
+    ``n`` the samples in them."""
 
     gram: torch.Tensor
     phi_sum: torch.Tensor
@@ -85,10 +86,12 @@ class GramAccumulator:
 
     ``products``: the dtype the features' products are computed and summed in by BLAS. float64
     (the default) rounds only as float64 does. float32 runs at about twice the float64 rate on
-    CPUs, and many times it on GPUs with slow float64: the products of each run of at most
-    FLOAT32_RUN samples are summed in float32, and the run's sums added into the float64 ones.
-    The first run is also summed in float64, which gives its rounding exactly (the moments'
-    ``rounding``), for :func:`rounding_error`."""
+    CPUs, and many times it on GPUs with slow float64: the products of each run of FLOAT32_RUN
+    samples (the last may be shorter; a run spans chunks) are summed in float32, into a float32
+    buffer, and the run added into the float64 sums. The first run goes into the sums in
+    float64 instead, and its float32 sums into the moments' ``rounding``: what float32 lost on
+    it, exactly, for :func:`rounding_error`. Holds R P^2 float32 values for the run and as many
+    for the rounding, on top of the float64 Gram matrix."""
 
     def __init__(
         self,
@@ -98,7 +101,8 @@ class GramAccumulator:
         products: torch.dtype = torch.float64,
     ) -> None:
         kw = dict(dtype=torch.float64, device=device)
-        self.products, self.runs = products, 0
+        self.products, self.runs, self.in_run = products, 0, 0
+        self.run: torch.Tensor | None = None  # float32 products: this run's Gram sums
         self.probe: RoundingProbe | None = None
         self.n = 0
         self.gram = torch.zeros(replicas, features, features, **kw)  # sum phi phi^T
@@ -111,9 +115,13 @@ class GramAccumulator:
         """phi: (R, m, P), y: (m,) shared by the replicas or (R, m) one sample per replica."""
         if self.products != torch.float64:
             y = y.expand(phi.shape[0], phi.shape[1])
-            for start in range(0, phi.shape[1], FLOAT32_RUN):
-                stop = start + FLOAT32_RUN
-                self._add_run(phi[:, start:stop], y[:, start:stop])
+            start = 0
+            while start < phi.shape[1]:
+                stop = start + FLOAT32_RUN - self.in_run
+                self._add_to_run(phi[:, start:stop], y[:, start:stop])
+                start = stop
+                if self.in_run == FLOAT32_RUN:
+                    self._end_run()
             return
         phi = phi.double()
         y = y.double().expand(phi.shape[0], phi.shape[1])
@@ -129,39 +137,60 @@ class GramAccumulator:
         self.y_sum += y.sum(dim=1)
         self.y_sq += y.square().sum(dim=1)
 
-    def _add_run(self, phi: torch.Tensor, y: torch.Tensor) -> None:
-        """One run of at most FLOAT32_RUN samples in float32 products (phi: (R, m, P), y:
-        (R, m)); the first also in float64, into the probe."""
-        exact = phi.double() if self.runs == 0 else None
+    def _add_to_run(self, phi: torch.Tensor, y: torch.Tensor) -> None:
+        """Samples of the current run (phi: (R, m, P), y: (R, m)) in float32 products; in the
+        first run, also exactly into the float64 sums (which no other run reaches before it
+        ends)."""
+        first, blocks = self.runs == 0, gram_blocks(phi.shape[2])
+        if self.run is None:
+            self.run = torch.empty(self.gram.shape, dtype=self.products, device=phi.device)
+        exact = phi.double() if first else None
         phi, y64 = phi.to(self.products), y.double()
-        if exact is not None:
-            self.probe = RoundingProbe(
-                torch.zeros(self.gram.shape, dtype=self.products, device=phi.device),
-                torch.zeros_like(self.phi_sum),
-                torch.zeros_like(self.phi_y),
-            )
-        for start, stop in gram_blocks(phi.shape[2]):
-            block = torch.bmm(phi[:, :, start:stop].transpose(1, 2), phi[:, :, :stop])
-            self.gram[:, start:stop, :stop] += block
-            if exact is not None:
+        beta = 0 if self.in_run == 0 else 1  # a new run overwrites the last one's sums
+        for start, stop in blocks:
+            rows, cols = phi[:, :, start:stop].transpose(1, 2), phi[:, :, :stop]
+            self.run[:, start:stop, :stop].baddbmm_(rows, cols, beta=beta)
+            if first:
                 rows, cols = exact[:, :, start:stop].transpose(1, 2), exact[:, :, :stop]
-                self.probe.gram[:, start:stop, :stop] = torch.bmm(rows, cols) - block
-        ones_y = torch.stack([torch.ones_like(y64), y64], dim=-1).to(phi.dtype)  # (R, m, 2)
-        sums = torch.bmm(phi.transpose(1, 2), ones_y).double()  # (R, P, 2)
+                self.gram[:, start:stop, :stop].baddbmm_(rows, cols)
+        ones_y = torch.stack([torch.ones_like(y64), y64], dim=-1)  # (R, m, 2)
+        sums = torch.bmm(phi.transpose(1, 2), ones_y.to(phi.dtype)).double()  # (R, P, 2)
+        if first:
+            if self.probe is None:
+                zeros = torch.zeros_like(self.phi_sum)
+                self.probe = RoundingProbe(torch.empty_like(self.run), zeros, zeros.clone())
+            exact_sums = torch.bmm(exact.transpose(1, 2), ones_y)
+            self.probe.phi_sum += exact_sums[..., 0] - sums[..., 0]
+            self.probe.phi_y += exact_sums[..., 1] - sums[..., 1]
+            sums = exact_sums
         self.phi_sum += sums[..., 0]
         self.phi_y += sums[..., 1]
-        if exact is not None:
-            self.probe.phi_sum.copy_(exact.sum(dim=1) - sums[..., 0])
-            self.probe.phi_y.copy_(torch.einsum("rmp,rm->rp", exact, y64) - sums[..., 1])
         self.n += y64.shape[1]
+        self.in_run += y64.shape[1]
         self.y_sum += y64.sum(dim=1)
         self.y_sq += y64.square().sum(dim=1)
+
+    def _end_run(self) -> None:
+        """Add the run's float32 sums into the float64 ones; after the first run, which is in
+        them exactly already, keep what float32 lost on it in the probe instead."""
+        if self.in_run == 0:
+            return
+        for start, stop in gram_blocks(self.gram.shape[-1]):
+            block, ran = self.gram[:, start:stop, :stop], self.run[:, start:stop, :stop]
+            if self.runs == 0:
+                torch.sub(block, ran, out=self.probe.gram[:, start:stop, :stop])
+            else:
+                block += ran
         self.runs += 1
+        self.in_run = 0
 
     def moments(self) -> CentredMoments:
         """The centred sample moments. Works in place on the Gram matrix, so that a solve holds
         two P x P matrices per replica (the system and its factor); the accumulator is spent
         afterwards."""
+        if self.products != torch.float64:
+            self._end_run()
+            self.run = None  # the accumulator is spent: free the run's buffer for the solve
         n = self.n
         mirror_lower(self.gram)
         mu = self.phi_sum / n  # (R, P)
@@ -213,11 +242,14 @@ def rounding_error(
 
     To first order, sums perturbed by dG, d(sum phi) and d(sum phi y) move the solution of
     (cov + lambda) beta = q by (cov + lambda)^{-1} (dq - dcov beta), with dcov = dG / n -
-    (dmu mu^T + mu dmu^T), dmu = d(sum phi) / n, dq = d(sum phi y) / n - dmu E y. Each run
-    rounds as the first one does, in size: their errors add up to at most ``runs`` times the
-    first's, which the estimate takes (independent roundings would add to about sqrt(runs)
-    times). ``factor``: the lower Cholesky factor of cov + lambda; None (an untrusted factor)
-    gives inf."""
+    (dmu mu^T + mu dmu^T), dmu = d(sum phi) / n, dq = d(sum phi y) / n - dmu E y (the sums
+    of y are float64). The first run is in the sums exactly; the estimate takes each of the
+    others to move beta as much as the first one's rounding would, so runs - 1 times that
+    (independent roundings add up to about sqrt(runs - 1) times). That is an assumption about
+    the runs, not a bound. Left out: a relative penalty's lambda, computed from the rounded
+    trace of cov, moves too, by |tr dcov| / tr cov (1e-8 or so, far below the tolerance).
+    ``factor``: the lower Cholesky factor of cov + lambda (all replicas'); None (some replica's
+    is not trusted) gives inf for every replica."""
     probe = moments.rounding
     if factor is None:
         return torch.full_like(beta[:, 0], torch.inf)
@@ -231,7 +263,7 @@ def rounding_error(
     )
     d_q = probe.phi_y / n - d_mu * moments.y_mean.unsqueeze(-1)
     d_beta = cholesky_solve(factor, d_q - d_cov_beta)
-    return probe.runs * d_beta.norm(dim=-1) / beta.norm(dim=-1)
+    return (probe.runs - 1) * d_beta.norm(dim=-1) / beta.norm(dim=-1)
 
 
 PIVOT_RCOND = 1e-13  # times P times the largest diagonal entry: the smallest pivot^2 trusted

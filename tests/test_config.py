@@ -197,7 +197,7 @@ def test_groups_read_the_top_level_knobs(make_cfg):
             "model=frozen optimizer=ridge optimizer.population=true "
             "optimizer.gram_products=float32",
             "gram_products=float32 (is checked for one fit of one penalty on sampled features, "
-            "but optimizer.population=True draws no samples; allowed there: float64)",
+            "but optimizer.population=true draws no samples; allowed there: float64)",
         ),
         (
             "model=kernel optimizer=ridge n_train=100 optimizer.gram_products=float32",
@@ -206,7 +206,7 @@ def test_groups_read_the_top_level_knobs(make_cfg):
         (
             "model=frozen optimizer=ridge n_train=100 optimizer.gram_products=float32 "
             "optimizer.width_path=true optimizer.penalty_scale=absolute",
-            "but optimizer.width_path=True solves at every width; allowed there: float64",
+            "but optimizer.width_path=true solves at every width; allowed there: float64",
         ),
         (
             "model=frozen optimizer=ridge n_train=100 optimizer.gram_products=float32 "

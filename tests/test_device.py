@@ -167,7 +167,8 @@ def test_a_failed_factor_whose_eigendecomposition_does_not_fit_names_the_penalty
 
 def test_float32_products_count_their_rounding_check_in_the_ridge_memory_check(monkeypatch, capsys):
     """3 Gram-sized float64 matrices at width 4096 (0.375 GiB) fit in half of 0.8 GiB; float32
-    products hold the first run's rounding too, R P^2 float32 (3.5 in all: 0.4375 GiB)."""
+    products hold a run's sums and the first run's rounding too, 2 R P^2 float32 (4 in all:
+    0.5 GiB)."""
     monkeypatch.setattr(device, "free_memory", lambda name: (int(0.8 * GIB), "available here"))
     common = [*SMALL, "model=frozen", "optimizer=ridge", "n_train=100", "width=4096"]
     cli.precheck(common)
@@ -175,4 +176,6 @@ def test_float32_products_count_their_rounding_check_in_the_ridge_memory_check(m
         cli.precheck([*common, "optimizer.gram_products=float32"])
     assert refused.value.code == 2
     err = capsys.readouterr().err
-    assert "invalid config: width=4096 (ridge on 4096 features x 1 replica needs about 0.438" in err
+    assert (
+        "invalid config: width=4096 (ridge on 4096 features x 1 replica needs about 0.5 GiB" in err
+    )

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from randfeat_torch import solvers
+from randfeat_torch import cli, solvers
 from randfeat_torch.config import ConfigError
 from randfeat_torch.models import TwoLayerNet
 from randfeat_torch.ridge import (
@@ -298,62 +298,120 @@ def float32_problem(n: int, seed: int = 2, replicas: int = 2):
         return net.ridge_features(x), y
 
 
-def accumulate(phi: torch.Tensor, y: torch.Tensor, products: torch.dtype) -> GramAccumulator:
+def accumulate(
+    phi: torch.Tensor, y: torch.Tensor, products: torch.dtype, chunk: int | None = None, copies=1
+) -> GramAccumulator:
+    """The sums of (phi, y) added in chunks of ``chunk`` samples (default: one), ``copies``
+    times over (each copy the same tensors, so that BLAS rounds each alike)."""
     sums = GramAccumulator(phi.shape[0], phi.shape[2], CPU, products)
-    sums.add(phi, y)
+    step = chunk or phi.shape[1]
+    for _ in range(copies):
+        for start in range(0, phi.shape[1], step):
+            sums.add(phi[:, start : start + step], y[start : start + step])
     return sums
 
 
-def test_float32_products_sum_runs_within_float32s_bound_and_probe_the_first_exactly():
+def lower_blocks(width: int) -> torch.Tensor:
+    """The entries the Gram matrices hold before mirroring: those of the blocks on or below
+    the diagonal, compared here on the lower triangle."""
+    return torch.ones(width, width).tril().bool()
+
+
+def test_float32_products_sum_runs_of_float32_run_samples_whatever_the_chunks():
     n = 2 * FLOAT32_RUN + 1808
     phi, y = float32_problem(n)
-    exact, rounded = accumulate(phi, y, torch.float64), accumulate(phi, y, torch.float32)
-    assert rounded.runs == 3 and rounded.n == n
-    lower = torch.ones(phi.shape[2], phi.shape[2]).tril().bool()  # float64 holds block rows
-    error = (rounded.gram - exact.gram)[:, lower]
-    # Higham's bound for a float32 sum of k products (the inputs are float32, exact in both):
-    # |error| <= gamma_k sum |phi_a| |phi_b|, gamma_k = k u / (1 - k u), u = 2^-24, k the run.
+    exact = accumulate(phi, y, torch.float64).moments()
+    lower = lower_blocks(phi.shape[2])
     p = phi.double().abs()
-    scale = (p.transpose(1, 2) @ p)[:, lower]
     u = 2.0**-24
     gamma = FLOAT32_RUN * u / (1 - FLOAT32_RUN * u)
-    assert bool((error.abs() <= gamma * scale).all())
-    assert bool((error != 0).any())  # the products really were float32 sums
-    # The probe is what the first run lost: the float32 sums of its samples against float64.
-    first = slice(0, FLOAT32_RUN)
-    one_exact = accumulate(phi[:, first], y[first], torch.float64)
-    one_rounded = accumulate(phi[:, first], y[first], torch.float32)
-    lost = (one_exact.gram - one_rounded.gram)[:, lower]
-    # float64 sums of the same products in two orders differ by up to k eps64 of the scale;
-    # the probe holds the difference in float32 (eps32 of it).
-    slack = FLOAT32_RUN * EPS64 * scale + EPS32 * lost.abs()
-    assert bool(((rounded.probe.gram[:, lower] - lost).abs() <= slack).all())
-    for name in ("phi_sum", "phi_y"):
-        lost = getattr(one_exact, name) - getattr(one_rounded, name)
-        weights = p.sum(1) if name == "phi_sum" else (p * y.double().abs()[:, None]).sum(1)
-        slack = FLOAT32_RUN * EPS64 * weights
-        assert bool(((getattr(rounded.probe, name) - lost).abs() <= slack).all()), name
+    # Higham's bound for a float32 sum of k products of float32 numbers (exact in float64):
+    # |error| <= gamma_k sum |phi_a| |phi_b|, gamma_k = k u / (1 - k u), u = 2^-24, k the run.
+    # Centred: cov = G / n - mu mu^T, with mu's error up to gamma_k mean |phi| (float64 adds
+    # the runs, and the rest, to n eps64 of the same magnitudes).
+    mean_abs, mu = p.mean(1), exact.mu
+    bound = (gamma + n * EPS64) * (
+        p.transpose(1, 2) @ p / n
+        + mean_abs.unsqueeze(2) * mu.abs().unsqueeze(1)
+        + mu.abs().unsqueeze(2) * mean_abs.unsqueeze(1)
+    )
+    for chunk in (None, 97, 4000):
+        rounded = accumulate(phi, y, torch.float32, chunk)
+        moments = rounded.moments()  # ends the last run
+        assert (rounded.runs, rounded.n, moments.rounding.runs) == (3, n, 3), chunk
+        error = moments.cov - exact.cov
+        assert bool((error.abs() <= bound)[:, lower].all()), chunk
+        assert bool((error != 0).any()), chunk  # the products really were float32 sums
 
 
-def test_the_rounding_estimate_is_first_order_exact_for_one_run_and_above_the_error_of_many():
+def test_the_first_run_is_exact_and_the_probe_holds_what_float32_loses_on_it():
+    phi, y = float32_problem(FLOAT32_RUN)
+    lower = lower_blocks(phi.shape[2])
+    p = phi.double().abs()
+    scale = (p.transpose(1, 2) @ p)[:, lower]
+    # One run: in the sums exactly (float64 sums of the same products, in another order for
+    # the first moments: up to k eps64 of the magnitudes).
+    exact, one = accumulate(phi, y, torch.float64), accumulate(phi, y, torch.float32)
+    assert torch.equal(one.gram[:, lower], exact.gram[:, lower])
+    weights = {"phi_sum": p.sum(1), "phi_y": (p * y.double().abs()[:, None]).sum(1)}
+    for name, weight in weights.items():
+        slack = FLOAT32_RUN * EPS64 * weight
+        assert bool(((getattr(one, name) - getattr(exact, name)).abs() <= slack).all()), name
+    assert one.moments().rounding.runs == 1
+    # Three copies of the run: the second and third round as the first would, so their float32
+    # sums lose twice the probe on top of the exact sums.
+    exact, three = (accumulate(phi, y, dtype, copies=3) for dtype in (torch.float64, torch.float32))
+    lost = (exact.gram - three.gram)[:, lower] / 2
+    slack = 3 * FLOAT32_RUN * EPS64 * scale + EPS32 * lost.abs()  # float64 sums; float32 probe
+    assert bool(((three.probe.gram[:, lower] - lost).abs() <= slack).all())
+    assert bool((lost != 0).any())
+    for name, weight in weights.items():
+        lost = (getattr(exact, name) - getattr(three, name)) / 2
+        slack = 3 * FLOAT32_RUN * EPS64 * weight
+        assert bool(((getattr(three.probe, name) - lost).abs() <= slack).all()), name
+
+
+def fit_both(phi: torch.Tensor, y: torch.Tensor, penalty: float, copies: int = 1):
+    """The float64 and the float32-products fits of (phi, y), relative penalty ``penalty``,
+    and beta's relative change between them (R,)."""
+    fits = {}
+    for products in (torch.float64, torch.float32):
+        moments = accumulate(phi, y, products, copies=copies).moments()
+        fits[products] = solve_centred(moments, relative_lambda(moments.cov, penalty))
+    exact, rounded = fits[torch.float64], fits[torch.float32]
+    return exact, rounded, (rounded.beta - exact.beta).norm(dim=-1) / exact.beta.norm(dim=-1)
+
+
+def test_the_rounding_estimate_is_zero_for_one_run_and_above_the_error_of_many():
     """A well-conditioned problem (penalty 1e-2, where first-order perturbation theory holds):
-    for one run the estimate is |d beta| / |beta| to first order; for many runs, it takes the
-    first run's error times the runs, above their sum (independent roundings: about sqrt)."""
-    for n, runs in ((FLOAT32_RUN, 1), (6 * FLOAT32_RUN, 6)):
-        phi, y = float32_problem(n, seed=4)
-        fits = {}
-        for products in (torch.float64, torch.float32):
-            moments = accumulate(phi, y, products).moments()
-            fits[products] = solve_centred(moments, relative_lambda(moments.cov, 1e-2))
-        exact, rounded = fits[torch.float64], fits[torch.float32]
-        assert exact.rounding_error is None
-        actual = (rounded.beta - exact.beta).norm(dim=-1) / exact.beta.norm(dim=-1)
-        estimate = rounded.rounding_error
-        assert bool((actual > 0).all()) and bool((estimate < 1e-2).all())
-        if runs == 1:  # second-order terms: about estimate^2 relative to it, and float64's
-            assert torch.allclose(estimate, actual, rtol=0.01), (estimate, actual)
-        else:
-            assert bool((actual <= estimate).all()), (estimate, actual)
+    one run is exact; for six, the estimate takes five times the first run's rounding, above
+    what the five others' roundings add up to (independent roundings: about sqrt(5) times)."""
+    phi, y = float32_problem(FLOAT32_RUN, seed=4)
+    exact, rounded, actual = fit_both(phi, y, 1e-2)
+    assert exact.rounding_error is None and bool((rounded.rounding_error == 0).all())
+    # The same float64 sums but the first moments' order: cov moves by up to k eps64, beta
+    # by the condition number times that.
+    system = torch.linalg.cond(torch.cov(phi[0].double().T, correction=0))
+    assert bool((actual <= float(system) * FLOAT32_RUN * EPS64).all())
+    phi, y = float32_problem(6 * FLOAT32_RUN, seed=4)
+    _, rounded, actual = fit_both(phi, y, 1e-2)
+    estimate = rounded.rounding_error
+    assert bool((actual > 0).all()) and bool((estimate < 1e-2).all())
+    assert bool((actual <= estimate).all()), (estimate, actual)
+
+
+def test_identical_runs_reach_the_estimate_of_the_runs_times_the_first():
+    """Five copies of one run: the four after the first round exactly as the first would, so
+    their errors add up to four times its rounding: the estimate's assumption holds with
+    equality, and the estimate is first-order exact (second-order terms: about the estimate
+    squared, relative)."""
+    phi, y = float32_problem(FLOAT32_RUN, seed=4)
+    _, rounded, actual = fit_both(phi, y, 1e-2, copies=5)
+    assert bool((rounded.rounding_error > 0).all())
+    assert torch.allclose(rounded.rounding_error, actual, rtol=0.01), (
+        rounded.rounding_error,
+        actual,
+    )
 
 
 def test_a_float32_products_run_keeps_its_fit_only_below_the_tolerance(run):
@@ -388,28 +446,19 @@ def test_a_float32_products_run_keeps_its_fit_only_below_the_tolerance(run):
             )
 
 
-def test_identical_runs_reach_the_estimate_of_runs_times_the_first():
-    """Five copies of one run round alike, so their errors add up to five times the first's:
-    the estimate's worst case is reached, and it is first-order exact."""
-    phi, y = float32_problem(FLOAT32_RUN, seed=4)
-    phi, y = phi.repeat(1, 5, 1), y.repeat(5)
-    fits = {}
-    for products in (torch.float64, torch.float32):
-        moments = accumulate(phi, y, products).moments()
-        fits[products] = solve_centred(moments, relative_lambda(moments.cov, 1e-2))
-    exact, rounded = fits[torch.float64], fits[torch.float32]
-    actual = (rounded.beta - exact.beta).norm(dim=-1) / exact.beta.norm(dim=-1)
-    assert torch.allclose(rounded.rounding_error, actual, rtol=0.01), (
-        rounded.rounding_error,
-        actual,
-    )
-
-
-def test_a_system_without_a_trusted_factor_has_no_estimate_and_is_refitted(run):
+def test_a_system_without_a_trusted_factor_has_no_estimate_and_is_refitted(run, make_cfg):
     """Width 64 > n_train = 40 at penalty 0: singular, no trusted Cholesky factor; the
-    estimate is infinite (null in the strict JSON record) and the run is the float64 run."""
+    estimate is infinite (null in the strict JSON record), the run is the float64 run, and its
+    summary line says so."""
     common = ["model=frozen", "optimizer=ridge", "n_train=40", "optimizer.penalty=0"]
-    exact, rounded = run(*common), run(*common, "optimizer.gram_products=float32")
+    float32 = [*common, "optimizer.gram_products=float32"]
+    exact, rounded = run(*common), run(*float32)
+    line = cli.summary_line(make_cfg(*float32), rounded)
+    assert line.endswith(
+        "; the float32 products' estimated error of beta (none) was above 0.0001, so the fit "
+        "was done again in float64"
+    )
+    assert cli.summary_line(make_cfg(*common), exact).endswith(str(exact.run_dir))
     record = json.loads((rounded.run_dir / "metrics.json").read_text())["ridge"]
     assert record["eigen_fallback"] is True
     assert record["float32_products"]["estimated_error"] == [None]
