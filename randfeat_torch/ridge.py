@@ -66,7 +66,8 @@ class RoundingProbe:
 class RidgeFit:
     """The fitted beta: (R, P) and c: (R,), the training MSE (R,), and lambda used (R,); with
     float32 products the estimated relative error of beta from their rounding (R,) (see
-    :func:`rounding_error`; inf where the system had no trusted Cholesky factor)."""
+    :func:`rounding_error`; inf for every replica where some replica's system had no trusted
+    Cholesky factor)."""
 
     beta: torch.Tensor
     c: torch.Tensor
