@@ -262,16 +262,18 @@ def float32_fit(cfg: DictConfig, model: Model, data: Data) -> tuple[RidgeFit, di
     rounding (:func:`randfeat_torch.ridge.rounding_error`), and whether it was above
     FLOAT32_TOLERANCE for any replica, in which case the same samples, drawn again, are
     fitted with float64 products and that fit is returned."""
+
+    def fit(products: torch.dtype) -> RidgeFit:
+        moments = ridge_moments(cfg, model, data, None, products)
+        return solve_centred(moments, ridge_penalty(cfg, model, moments, cfg.optimizer.penalty))
+
     states = data.generator_states()
-    moments = ridge_moments(cfg, model, data, None, torch.float32)
-    solution = solve_centred(moments, ridge_penalty(cfg, model, moments, cfg.optimizer.penalty))
+    solution = fit(torch.float32)  # its Gram matrix is freed on return
     error = solution.rounding_error
     refit = not bool((error <= FLOAT32_TOLERANCE).all())
     if refit:
-        del moments, solution  # free the float32 fit's Gram matrix before the next
         data.set_generator_states(states)
-        moments = ridge_moments(cfg, model, data, None, torch.float64)
-        solution = solve_centred(moments, ridge_penalty(cfg, model, moments, cfg.optimizer.penalty))
+        solution = fit(torch.float64)
     record = {
         "estimated_error": [e if math.isfinite(e) else None for e in error.tolist()],
         "tolerance": FLOAT32_TOLERANCE,
