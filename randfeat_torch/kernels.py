@@ -54,7 +54,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from randfeat_torch.config import ConfigError, penalty_list
-from randfeat_torch.ridge import PIVOT_RCOND, PenaltyPath, RidgeFit
+from randfeat_torch.ridge import PIVOT_RCOND, PenaltyPath, RidgeFit, cholesky_solve
 
 if TYPE_CHECKING:
     from randfeat_torch.data import Data
@@ -292,8 +292,7 @@ def _solve_shifted(
         torch.linalg.cholesky_ex(factor, out=(factor, info))
         pivots = float(factor.diagonal().square().min())
         if int(info) == 0 and pivots > n * PIVOT_RCOND * scale:
-            half = torch.linalg.solve_triangular(factor, rhs.unsqueeze(-1), upper=False)
-            alpha = torch.linalg.solve_triangular(factor.mT, half, upper=True)[:, 0]
+            alpha = cholesky_solve(factor, rhs)
             return alpha, (shift * alpha).square().mean(), False
         centred(system)  # the failed factor overwrote K_c
         _check_room_for_eigh(n, penalty, system.device)

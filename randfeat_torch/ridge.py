@@ -281,7 +281,7 @@ def cholesky_factor(system: torch.Tensor) -> torch.Tensor | None:
 
 
 def cholesky_solve(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """x with L L^T x = rhs: factor L (R, P, P) lower, rhs (R, P)."""
+    """x with L L^T x = rhs: factor L (..., P, P) lower, rhs (..., P)."""
     # Two triangular solves: 10x faster than torch.cholesky_solve for one right-hand side here.
     half = torch.linalg.solve_triangular(factor, rhs.unsqueeze(-1), upper=False)
     return torch.linalg.solve_triangular(factor.mT, half, upper=True).squeeze(-1)
