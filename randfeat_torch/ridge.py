@@ -133,7 +133,9 @@ class GramAccumulator:
             self.gram[:, start:stop, :stop].baddbmm_(
                 phi[:, :, start:stop].transpose(1, 2), phi[:, :, :stop]
             )
-        self.phi_y += torch.einsum("rmp,rm->rp", phi, y)
+        # y as the left factor, (1, m) @ (m, P): bmm with a one- or two-column right factor
+        # runs 5-15 times slower on CPU (its batched matrix-vector path; measured).
+        self.phi_y += torch.bmm(y.unsqueeze(1), phi).squeeze(1)
         self.phi_sum += phi.sum(dim=1)
         self.y_sum += y.sum(dim=1)
         self.y_sq += y.square().sum(dim=1)
@@ -154,18 +156,18 @@ class GramAccumulator:
             if first:
                 rows, cols = exact[:, :, start:stop].transpose(1, 2), exact[:, :, :stop]
                 self.gram[:, start:stop, :stop].baddbmm_(rows, cols)
-        ones_y = torch.stack([torch.ones_like(y64), y64], dim=-1)  # (R, m, 2)
-        sums = torch.bmm(phi.transpose(1, 2), ones_y.to(phi.dtype)).double()  # (R, P, 2)
+        ones_y = torch.stack([torch.ones_like(y64), y64], dim=1)  # (R, 2, m): the left factor
+        sums = torch.bmm(ones_y.to(phi.dtype), phi).double()  # (R, 2, P)
         if first:
             if self.probe is None:
                 zeros = torch.zeros_like(self.phi_sum)
                 self.probe = RoundingProbe(torch.empty_like(self.run), zeros, zeros.clone())
-            exact_sums = torch.bmm(exact.transpose(1, 2), ones_y)
-            self.probe.phi_sum += exact_sums[..., 0] - sums[..., 0]
-            self.probe.phi_y += exact_sums[..., 1] - sums[..., 1]
+            exact_sums = torch.bmm(ones_y, exact)
+            self.probe.phi_sum += exact_sums[:, 0] - sums[:, 0]
+            self.probe.phi_y += exact_sums[:, 1] - sums[:, 1]
             sums = exact_sums
-        self.phi_sum += sums[..., 0]
-        self.phi_y += sums[..., 1]
+        self.phi_sum += sums[:, 0]
+        self.phi_y += sums[:, 1]
         self.n += y64.shape[1]
         self.in_run += y64.shape[1]
         self.y_sum += y64.sum(dim=1)
