@@ -84,14 +84,20 @@ def slurm_command(env: dict[str, str], *command: str) -> str:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60).stdout
 
 
-def start_requeued_jobs(env: dict[str, str]) -> None:
+def start_requeued_jobs(env: dict[str, str], held: dict[str, float]) -> None:
     """Slurm holds a requeued job for two minutes before it may start again (``BeginTime``, on
-    any cluster); the tests start them at once, with a time limit of 10 minutes: under a limit
-    of one minute, Slurm's USR2 (``signal_delay_s`` = 120 s before it) would reach every rerun
-    at its first check of time limits, and interrupt it again."""
-    for line in slurm_command(env, "squeue", "-h", "-t", "PD", "-o", "%i %r").splitlines():
-        job, reason = line.split()
-        if reason == "BeginTime":
+    any cluster); the tests start them after two seconds, with a time limit of 10 minutes: under
+    a limit of one minute, Slurm's USR2 (``signal_delay_s`` = 120 s before it) would reach every
+    rerun at its first check of time limits, and interrupt it again. Not at once: the node
+    refuses a job's credential issued in the second its earlier run's was revoked (the rerun
+    then fails, "Job credential revoked"), which is what the hold is for. ``held``: since when
+    each held job was seen held, kept between calls."""
+    listed = slurm_command(env, "squeue", "-h", "-t", "PD", "-o", "%i %r")
+    waiting = {job for job, reason in map(str.split, listed.splitlines()) if reason == "BeginTime"}
+    for job in set(held) - waiting:  # released, or ran again: a later hold starts anew
+        del held[job]
+    for job in waiting:
+        if time.time() - held.setdefault(job, time.time()) >= 2:
             slurm_command(
                 env, "scontrol", "update", f"JobId={job}", "StartTime=now", "TimeLimit=10"
             )
@@ -192,6 +198,7 @@ def interrupted(slurm, tmp_path_factory) -> dict[str, Interrupted]:
     sweep_of = {seed: timed_out if seed == 3 else preempted for seed, _, _ in CASES.values()}
     action = {seed: command for seed, command, _ in CASES.values()}
     done: dict[int, str] = {}  # the Slurm job of each seed interrupted
+    held: dict[str, float] = {}  # the requeued jobs Slurm holds, since when
     deadline = time.time() + 300
     while any(d.poll() is None for d in drivers.values()) and time.time() < deadline:
         for sweep in (preempted, timed_out):
@@ -199,7 +206,7 @@ def interrupted(slurm, tmp_path_factory) -> dict[str, Interrupted]:
                 if seed not in done:
                     done[seed] = slurm_job(run_dir)
                     slurm_command(slurm, *action[seed], done[seed])
-        start_requeued_jobs(slurm)
+        start_requeued_jobs(slurm, held)
         time.sleep(0.2)
     outputs = {}
     for sweep, driver in drivers.items():
