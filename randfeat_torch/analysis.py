@@ -677,7 +677,9 @@ def movement_table(lazy: pd.DataFrame) -> pd.DataFrame:
     """The power law of the first layer's movement in the width, w_movement ~ width^k, fitted by
     least squares on the log of every seed's value, per target and series of a model whose
     first layer trains: k, its 95% interval, the points and the width range. The NTK scaling
-    predicts k = -1/2, mean field k = 0."""
+    predicts k = -1/2, mean field k = 0. The interval takes every (seed, width) point as an
+    independent draw (points - 2 degrees of freedom), which the replicas at one width are not:
+    they share the law's misfit there, and with ``replica_data=shared`` their samples."""
     rows = []
     moved = lazy[lazy["model"].astype(str).isin(MOVED_FIRST_LAYER) & (lazy["w_movement"] > 0)]
     for (target, series), frame in moved.groupby(["target", "series"], sort=True):
