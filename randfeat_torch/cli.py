@@ -26,7 +26,8 @@ import hydra
 from hydra import compose
 from hydra._internal.utils import get_args_parser
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import JobReturn
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -385,18 +386,54 @@ class AggregateOnMultirunEnd(Callback):
             print(aggregate(Path(config.hydra.sweep.dir)).summary, end="", flush=True)
 
 
+# Launchers whose sweeper ends by raising the first failed job's exception (Hydra's basic and
+# joblib launchers); the Slurm launcher prints its own summary of the jobs that did not finish.
+RAISING_LAUNCHERS = (
+    "hydra._internal.core_plugins.basic_launcher.BasicLauncher",
+    "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
+)
+
+
+class JobsFailed(CompactHydraException):
+    """What a sweep ends with when some of its jobs failed: Hydra's sweeper raises the first
+    failed job's exception once every job has run, and prints only the message of a compact
+    exception, without a traceback. The message is read from the sweep's records when it is
+    printed, so that it names every job that did not finish and why."""
+
+    def __init__(self, sweep_dir: str) -> None:
+        super().__init__(sweep_dir)  # the only argument: it pickles back from a worker
+        self.sweep_dir = sweep_dir
+
+    def __str__(self) -> str:
+        from randfeat_torch.record import RECORD_NAME, read_record
+
+        runs = sorted(Path(self.sweep_dir).glob(f"*/{RECORD_NAME}"))
+        records = {p.parent.name: read_record(p.parent) or {} for p in runs}
+        unfinished = {name: r for name, r in records.items() if r.get("status") != "ok"}
+        lines = [f"{len(unfinished)} of {len(records)} jobs did not finish:"]
+        lines += [
+            f"  {name}: {r.get('status')} ({r.get('error')})" for name, r in unfinished.items()
+        ]
+        lines.append(
+            "Run the same command again to finish them, once what failed is fixed (finished jobs "
+            "are skipped, interrupted ones resume from their checkpoints)."
+        )
+        return "\n".join(lines)
+
+
 class ReportJobs(Callback):
     """Prints every failed job as it ends, and every job's status when the multirun ends:
-    Hydra's basic launcher goes on after a failed job but reports only the first failure."""
+    Hydra's basic launcher goes on after a failed job but reports only the first failure,
+    with its traceback; here the sweep ends with :class:`JobsFailed` instead."""
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if config.hydra.mode != RunMode.MULTIRUN:
+        if config.hydra.mode != RunMode.MULTIRUN or job_return.status != JobStatus.FAILED:
             return
-        try:
-            job_return.return_value  # noqa: B018 (raises the job's exception, if it failed)
-        except Exception as error:
-            job = f"job {config.hydra.job.num} ({config.hydra.job.override_dirname or 'defaults'})"
-            print(f"[{job}: failed: {type(error).__name__}: {error}]", file=sys.stderr, flush=True)
+        error = job_return._return_value  # (return_value would print Hydra's own line first)
+        job = f"job {config.hydra.job.num} ({config.hydra.job.override_dirname or 'defaults'})"
+        print(f"[{job}: failed: {type(error).__name__}: {error}]", file=sys.stderr, flush=True)
+        if config.hydra.launcher.get("_target_") in RAISING_LAUNCHERS:
+            job_return.return_value = JobsFailed(str(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """From the records, so that it holds whichever launcher ran the jobs."""

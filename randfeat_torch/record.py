@@ -230,13 +230,17 @@ def check_unlocked(run_dir: Path) -> None:
         os.close(fd)  # releases the probe
 
 
-def mark_failed(run_dir: Path, config: dict[str, Any], error: BaseException) -> None:
+def mark_failed(
+    run_dir: Path, config: dict[str, Any], error: BaseException, choices: dict | None = None
+) -> None:
     """A run that raised before its record was opened leaves one saying ``failed``, with the
-    error; a record already there (written by the run, or by an earlier run) is left as it is."""
+    error and the config groups picked (``choices``, so that the aggregator can name the job's
+    fit); a record already there (written by the run, or by an earlier run) is left as it is."""
     if (Path(run_dir) / RECORD_NAME).exists():
         return
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     record = {"status": "failed", "error": f"{type(error).__name__}: {error}", "config": config}
+    record["choices"] = choices or {}
     atomic_write_json(Path(run_dir) / RECORD_NAME, record)
 
 

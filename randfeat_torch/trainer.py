@@ -191,7 +191,7 @@ def train(
     except (OSError, RunLocked, CheckpointError):
         raise  # nothing to add to the record: it keeps its last good state
     except Exception as error:
-        mark_failed(run_dir, _config_of(cfg), error)
+        mark_failed(run_dir, _config_of(cfg), error, choices)
         raise
 
 

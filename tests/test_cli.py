@@ -201,8 +201,16 @@ def test_a_failing_job_leaves_a_failed_record_and_the_sweep_goes_on(tmp_path):
     assert statuses == [(-100, 4, "failed"), (-100, 6, "failed"), (0, 4, "ok"), (0, 6, "ok")]
     failed = [r for r in records.values() if r["status"] == "failed"]
     assert all("is constant on the 512 test inputs" in r["error"] for r in failed)
-    # Every failure is listed as it happens, not only the first.
+    assert all(r["choices"]["target"] == "relu_neuron" for r in failed)  # the aggregator's labels
+    # Every failure is listed as it happens, not only the first, and again when the sweep ends,
+    # without Hydra's traceback of the first one.
     assert done.stderr.count("failed: DataError: target=relu_neuron is constant") == 2
+    assert "Traceback" not in done.stderr
+    summary = done.stderr[done.stderr.index("2 of 4 jobs did not finish:") :].splitlines()
+    unfinished = sorted(name for name, r in records.items() if r["status"] == "failed")
+    assert [line.split(":")[0].strip() for line in summary[1:3]] == unfinished
+    assert all("(DataError: target=relu_neuron is constant" in line for line in summary[1:3])
+    assert summary[3].startswith("Run the same command again")
 
     again = app(*args, cwd=tmp_path)
     assert again.stdout.count("[skip]") == 2  # the finished jobs are not trained again
