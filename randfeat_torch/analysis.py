@@ -236,8 +236,9 @@ def _label(table: pd.DataFrame) -> pd.Series:
     method = ["fit"] if varies["fit"] else [g for g in ("model", "optimizer") if varies[g]]
     parts = method + [g for g in ("target", "input") if varies[g]]
     if not parts:
-        return table["model"].astype(str)
-    return table[parts].astype(str).agg(" / ".join, axis=1)
+        return table["model"].fillna("?").astype(str)
+    # a group a record does not name (one written before it kept its choices) shows as "?"
+    return table[parts].fillna("?").astype(str).agg(" / ".join, axis=1)
 
 
 def _stats(frame: pd.DataFrame, keys: list[str], column: str = "test_error") -> pd.DataFrame:
@@ -266,23 +267,28 @@ def _panels(n: int, title: str) -> tuple[plt.Figure, list[plt.Axes]]:
 
 def _theory_lines(ax: plt.Axes, frame: pd.DataFrame) -> None:
     """Horizontal lines at the best linear / quadratic errors, one per distinct value, named
-    when there are few enough to read."""
+    when there are few enough to read; where both are one value (a parity: 1 and 1), one line
+    carries both names."""
+    lines: dict[float, list[str]] = {}
     for column, name in THEORY_LINES.items():
         if column not in frame:
             continue
         values = np.unique(frame[column].dropna().round(6))
         values = values[values > 0]  # log axes: a zero residual has no line
         for value in values:
-            ax.axhline(value, color="gray", ls="--" if column.endswith("_1") else ":", lw=0.9)
-            if len(values) <= 2:
-                ax.annotate(
-                    f"{name} {value:.3g}",
-                    (0.02, value),
-                    xycoords=("axes fraction", "data"),
-                    fontsize=6,
-                    color="gray",
-                    va="bottom",
-                )
+            if float(value) not in lines:
+                ax.axhline(value, color="gray", ls="--" if column.endswith("_1") else ":", lw=0.9)
+            lines.setdefault(float(value), []).append(name if len(values) <= 2 else "")
+    for value, names in lines.items():
+        if all(names):
+            ax.annotate(
+                f"{' = '.join(names)} {value:.3g}",
+                (0.02, value),
+                xycoords=("axes fraction", "data"),
+                fontsize=6,
+                color="gray",
+                va="bottom",
+            )
 
 
 def _plain_ticks(ax: plt.Axes, values: list[float]) -> None:
@@ -665,27 +671,33 @@ def _series(frame: pd.DataFrame) -> pd.Series:
 
 
 def laziness_rows(ok: pd.DataFrame) -> pd.DataFrame:
-    """The runs with laziness measures (trained by an optimizer), each named by its series."""
+    """The runs with laziness measures (trained by an optimizer), each named by its series (with
+    its d where the runs have several)."""
     if "w_movement" not in ok or not ok["w_movement"].notna().any():
         return pd.DataFrame()
     lazy = ok[ok["w_movement"].notna()].copy()
     lazy["series"] = _series(lazy)
+    if "d" in lazy and lazy["d"].nunique() > 1:  # a power per d: the movement depends on it
+        lazy["series"] += lazy["d"].map(lambda d: f" d={d}")
     return lazy
 
 
 def movement_table(lazy: pd.DataFrame) -> pd.DataFrame:
-    """The power law of the first layer's movement in the width, w_movement ~ width^k, fitted by
-    least squares on the log of every seed's value, per target and series of a model whose
-    first layer trains: k, its 95% interval, the points and the width range. The NTK scaling
-    predicts k = -1/2, mean field k = 0. The interval takes every (seed, width) point as an
-    independent draw (points - 2 degrees of freedom), which the replicas at one width are not:
-    they share the law's misfit there, and with ``replica_data=shared`` their samples."""
+    """The power law of the first layer's movement in the width, w_movement ~ width^k, per
+    target and series of a model whose first layer trains: k by least squares on the log of the
+    geometric mean over seeds and replicas at each width, its 95% interval, the widths fitted,
+    the fewest runs at one width and the width range. The NTK scaling predicts k = -1/2, mean
+    field k = 0. As in :func:`growth_table` the interval has (widths - 2) degrees of freedom:
+    the runs at one width share the law's misfit there (and, with ``replica_data=shared``, their
+    samples), so pooling them as independent points would make it too narrow. It holds only if
+    the law is right."""
     rows = []
     moved = lazy[lazy["model"].astype(str).isin(MOVED_FIRST_LAYER) & (lazy["w_movement"] > 0)]
     for (target, series), frame in moved.groupby(["target", "series"], sort=True):
+        by_width = np.log(frame["w_movement"].astype(float)).groupby(frame["width"])
         # the power law is the polynomial law of fit_growth, with the width as its x
         fit = fit_growth(
-            frame["width"].to_numpy(float), frame["w_movement"].to_numpy(float), "polynomial"
+            by_width.mean().index.to_numpy(float), np.exp(by_width.mean()), "polynomial"
         )
         if fit is None:
             continue
@@ -696,7 +708,8 @@ def movement_table(lazy: pd.DataFrame) -> pd.DataFrame:
                 "slope": fit.slope,
                 "slope_low": fit.slope_low,
                 "slope_high": fit.slope_high,
-                "points": fit.points,
+                "widths": fit.points,
+                "runs_per_width": int(by_width.size().min()),
                 "width_min": frame["width"].min(),
                 "width_max": frame["width"].max(),
             }
@@ -793,8 +806,9 @@ def summarise_laziness(slopes: pd.DataFrame) -> list[str]:
     if slopes.empty:
         return []
     lines = [
-        "first-layer movement ~ width^k (least squares on every seed's log movement; NTK "
-        "predicts k = -0.5, mean field k = 0):"
+        "first-layer movement ~ width^k (least squares on the log geometric mean over seeds "
+        "at each width, 95% interval with widths - 2 degrees of freedom; NTK predicts "
+        "k = -0.5, mean field k = 0):"
     ]
     lines.append(slopes.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     return lines

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from omegaconf import OmegaConf
+from scipy import stats
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from randfeat_torch.analysis import (
     aggregate,
     expected_jobs,
+    laziness_rows,
     movement_table,
     threshold_table,
     width_to_reach,
@@ -106,6 +110,18 @@ def test_aggregate_builds_the_table_and_lists_every_problem(sweep):
     assert "RuntimeError: boom" in (sweep / "summary.txt").read_text()
 
 
+def test_a_failed_record_that_names_no_group_is_listed_and_labelled_unknown(sweep):
+    path = sweep / "8_failed" / "metrics.json"
+    record = json.loads(path.read_text())
+    del record["choices"], record["config"]["model"]  # as a failed record once was written
+    atomic_write_json(path, record)
+    result = aggregate(sweep)
+    table = pd.read_csv(sweep / "results.csv")
+    assert (table.loc[table["run"] == "8_failed", "label"] == "?").all()
+    assert set(table.loc[table["status"] == "ok", "label"]) == {"frozen", "trainable"}
+    assert "RuntimeError: boom" in result.summary
+
+
 def test_aggregate_writes_every_plot_and_logs_them_to_tensorboard(sweep):
     result = aggregate(sweep, eps=0.2)
     assert set(result.figures) == {"error_vs_width", "error_vs_d", "width_needed"}
@@ -167,18 +183,62 @@ def test_threshold_precision_is_the_coarsest_grid_point_that_reaches_the_goal():
     assert math.isnan(threshold_table(rows).set_index("d").loc[12, "threshold_precision"])
 
 
-def test_the_movement_power_law_is_fitted_over_every_seed():
+def test_the_movement_power_is_fitted_to_the_mean_at_each_width():
     widths = [64, 256, 1024, 4096]
+    offsets = [1.0, 1.3, 0.8, 1.1]  # the law's misfit at each width, shared by its seeds
     rows = pd.DataFrame(
         {
             "target": "t",
             "series": "trainable ntk",
             "model": "trainable",
-            "width": widths * 2,
-            "w_movement": [3 * w**-0.5 for w in widths] + [5 * w**-0.5 for w in widths],
+            "width": widths * 3,
+            "w_movement": [
+                s * o * w**-0.5 for s in (3, 5, 4) for w, o in zip(widths, offsets, strict=True)
+            ],
         }
     )
     slope = movement_table(rows).iloc[0]
-    assert slope["slope"] == pytest.approx(-0.5, abs=1e-12)
-    assert slope["slope_low"] < -0.5 < slope["slope_high"]  # the seeds' offsets widen it
-    assert slope["points"] == 8
+    # by hand: the log geometric mean at width w is log(60) / 3 + log(offset) - log(w) / 2
+    fit = stats.linregress(np.log(widths), np.log(offsets) - 0.5 * np.log(widths))
+    half = stats.t.ppf(0.975, len(widths) - 2) * fit.stderr
+    assert slope["slope"] == pytest.approx(fit.slope, rel=1e-12)
+    assert slope["slope_high"] - slope["slope"] == pytest.approx(half, rel=1e-9)
+    assert slope["slope"] - slope["slope_low"] == pytest.approx(half, rel=1e-9)
+    assert slope["widths"] == 4 and slope["runs_per_width"] == 3
+    # pooling the 12 runs as independent points (10 degrees of freedom) gives a narrower one
+    pooled = stats.linregress(np.log(rows["width"]), np.log(rows["w_movement"]))
+    assert stats.t.ppf(0.975, 10) * pooled.stderr < half
+    assert movement_table(rows[rows["width"] <= 256]).empty  # two widths fit any power
+
+
+def test_a_sweep_over_d_gets_a_movement_power_per_d():
+    widths = [64, 256, 1024]
+    rows = pd.DataFrame(
+        {
+            "target": "t",
+            "model": "trainable",
+            "d": [4] * 3 + [16] * 3,
+            "width": widths * 2,
+            "w_movement": [w**-0.5 for w in widths] + [10 * w**-0.25 for w in widths],
+        }
+    )
+    slopes = movement_table(laziness_rows(rows)).set_index("series")["slope"]
+    assert slopes["trainable d=4"] == pytest.approx(-0.5, abs=1e-12)
+    assert slopes["trainable d=16"] == pytest.approx(-0.25, abs=1e-12)
+
+
+def test_theory_lines_that_coincide_are_drawn_and_named_once():
+    import matplotlib.pyplot as plt
+
+    from randfeat_torch.analysis import _theory_lines
+
+    def names(linear, quadratic):
+        fig, ax = plt.subplots()
+        frame = pd.DataFrame({"theory.best_degree_1": linear, "theory.best_degree_2": quadratic})
+        _theory_lines(ax, frame)
+        texts, lines = sorted(t.get_text() for t in ax.texts), len(ax.lines)
+        plt.close(fig)
+        return texts, lines
+
+    assert names([1.0], [1.0]) == (["best linear = best quadratic 1"], 1)  # a parity
+    assert names([0.2665], [0.0331]) == (["best linear 0.267", "best quadratic 0.0331"], 2)
