@@ -40,6 +40,7 @@ from randfeat_torch.sweeps import (
     compose_job,
     hydra_configs,
     one_sentence,
+    rerun_hint,
     search_jobs,
     sweep_jobs,
     sweeper_of,
@@ -414,11 +415,7 @@ class JobsFailed(CompactHydraException):
         lines += [
             f"  {name}: {r.get('status')} ({r.get('error')})" for name, r in unfinished.items()
         ]
-        lines.append(
-            "Run the same command again to finish them, once what failed is fixed (finished jobs "
-            "are skipped, interrupted ones resume from their checkpoints)."
-        )
-        return "\n".join(lines)
+        return "\n".join(lines + rerun_hint())
 
 
 class ReportJobs(Callback):

@@ -38,6 +38,7 @@ from submitit.core.utils import FailedJobError, UncompletedJobError
 
 import randfeat_torch
 from randfeat_torch.record import read_record
+from randfeat_torch.sweeps import rerun_hint
 
 log = logging.getLogger(__name__)
 
@@ -191,10 +192,4 @@ def summary(launcher: Any, total: int, unfinished: list[tuple]) -> str:
             f"  #{num} {' '.join(overrides) or '(defaults)'} (Slurm job {job.job_id}): {why}",
             f"      {state} in {run_dir}; log: {job.paths.stderr}",
         ]
-    command = [sys.executable, *sys.argv] if sys.argv[0].endswith(".py") else sys.argv
-    lines += [
-        "Run the same command again to finish them, once what failed is fixed (finished jobs "
-        "are skipped, interrupted ones resume from their checkpoints):",
-        f"  {shlex.join(command)}",
-    ]
-    return "\n".join(lines)
+    return "\n".join(lines + rerun_hint())

@@ -15,6 +15,8 @@ import dataclasses
 import difflib
 import pickle
 import re
+import shlex
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -468,3 +470,13 @@ def check_jobs(jobs: list[list[str]]) -> None:
     for job in jobs:
         with one_sentence(job):
             validate(compose(job))
+
+
+def rerun_hint() -> list[str]:
+    """The end of a summary of the jobs that did not finish: the command that finishes them."""
+    command = [sys.executable, *sys.argv] if sys.argv[0].endswith(".py") else sys.argv
+    return [
+        "Run the same command again to finish them, once what failed is fixed (finished jobs "
+        "are skipped, interrupted ones resume from their checkpoints):",
+        f"  {shlex.join(command)}",
+    ]

@@ -210,7 +210,7 @@ def test_a_failing_job_leaves_a_failed_record_and_the_sweep_goes_on(tmp_path):
     unfinished = sorted(name for name, r in records.items() if r["status"] == "failed")
     assert [line.split(":")[0].strip() for line in summary[1:3]] == unfinished
     assert all("(DataError: target=relu_neuron is constant" in line for line in summary[1:3])
-    assert summary[3].startswith("Run the same command again")
+    assert summary[3].startswith("Run the same command again") and "hydra.sweep.dir=" in summary[4]
 
     again = app(*args, cwd=tmp_path)
     assert again.stdout.count("[skip]") == 2  # the finished jobs are not trained again
