@@ -695,10 +695,9 @@ def movement_table(lazy: pd.DataFrame) -> pd.DataFrame:
     moved = lazy[lazy["model"].astype(str).isin(MOVED_FIRST_LAYER) & (lazy["w_movement"] > 0)]
     for (target, series), frame in moved.groupby(["target", "series"], sort=True):
         by_width = np.log(frame["w_movement"].astype(float)).groupby(frame["width"])
+        log_mean = by_width.mean()
         # the power law is the polynomial law of fit_growth, with the width as its x
-        fit = fit_growth(
-            by_width.mean().index.to_numpy(float), np.exp(by_width.mean()), "polynomial"
-        )
+        fit = fit_growth(log_mean.index.to_numpy(float), np.exp(log_mean), "polynomial")
         if fit is None:
             continue
         rows.append(

@@ -395,6 +395,14 @@ RAISING_LAUNCHERS = (
 )
 
 
+def sweep_records(sweep_dir: str | Path) -> dict[str, dict]:
+    """The records of a sweep's jobs by folder name, in order ({} for one unreadable)."""
+    from randfeat_torch.record import RECORD_NAME, read_record
+
+    runs = sorted(Path(sweep_dir).glob(f"*/{RECORD_NAME}"))
+    return {p.parent.name: read_record(p.parent) or {} for p in runs}
+
+
 class JobsFailed(CompactHydraException):
     """What a sweep ends with when some of its jobs failed: Hydra's sweeper raises the first
     failed job's exception once every job has run, and prints only the message of a compact
@@ -406,10 +414,7 @@ class JobsFailed(CompactHydraException):
         self.sweep_dir = sweep_dir
 
     def __str__(self) -> str:
-        from randfeat_torch.record import RECORD_NAME, read_record
-
-        runs = sorted(Path(self.sweep_dir).glob(f"*/{RECORD_NAME}"))
-        records = {p.parent.name: read_record(p.parent) or {} for p in runs}
+        records = sweep_records(self.sweep_dir)
         unfinished = {name: r for name, r in records.items() if r.get("status") != "ok"}
         lines = [f"{len(unfinished)} of {len(records)} jobs did not finish:"]
         lines += [
@@ -434,10 +439,8 @@ class ReportJobs(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """From the records, so that it holds whichever launcher ran the jobs."""
-        from randfeat_torch.record import RECORD_NAME, read_record
-
-        runs = sorted(Path(config.hydra.sweep.dir).glob(f"*/{RECORD_NAME}"))
-        lines = [f"{p.parent.name}: {(read_record(p.parent) or {}).get('status')}" for p in runs]
+        records = sweep_records(config.hydra.sweep.dir)
+        lines = [f"{name}: {record.get('status')}" for name, record in records.items()]
         print(f"{len(lines)} jobs:", *lines, sep="\n  ", flush=True)
 
 
