@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -670,6 +671,20 @@ def _series(frame: pd.DataFrame) -> pd.Series:
     return name
 
 
+NUMBER = re.compile(r"(\d+(?:\.\d+)?(?:e[-+]?\d+)?)")
+
+
+def in_number_order(names: Iterable[str]) -> list[str]:
+    """Series names sorted with their numbers read as numbers: "d=4" before "d=16", and
+    "alpha=0.25" before "alpha=0.5" (a plain sort puts them the other way)."""
+
+    def key(name: str) -> list[tuple[int, float | str]]:
+        parts = NUMBER.split(name)  # text, number, text, ...: the numbers at the odd places
+        return [(1, float(part)) if i % 2 else (0, part) for i, part in enumerate(parts)]
+
+    return sorted(names, key=key)
+
+
 def laziness_rows(ok: pd.DataFrame) -> pd.DataFrame:
     """The runs with laziness measures (trained by an optimizer), each named by its series (with
     its d where the runs have several)."""
@@ -713,6 +728,8 @@ def movement_table(lazy: pd.DataFrame) -> pd.DataFrame:
                 "width_max": frame["width"].max(),
             }
         )
+    order = in_number_order({row["series"] for row in rows})
+    rows.sort(key=lambda row: (str(row["target"]), order.index(row["series"])))
     return pd.DataFrame(rows)
 
 
@@ -723,7 +740,7 @@ def _lazy_panels(
     series, mean and 95% interval over seeds and replicas; zeros are left out (log axis)."""
     targets = sorted(lazy["target"].astype(str).unique())
     fig, axes = _panels(len(targets), title)
-    series = sorted(lazy["series"].unique())
+    series = in_number_order(lazy["series"].unique())
     for ax, target in zip(axes, targets, strict=True):
         frame = lazy[lazy["target"].astype(str) == target]
         for i, name in enumerate(series):

@@ -231,31 +231,37 @@ def check_unlocked(run_dir: Path) -> None:
 
 
 def mark_failed(
-    run_dir: Path, config: dict[str, Any], error: BaseException, choices: dict | None = None
+    run_dir: Path, config: dict[str, Any], error: BaseException, about: dict | None = None
 ) -> None:
     """A run that raised before its record was opened leaves one saying ``failed``, with the
-    error and the config groups picked (``choices``, so that the aggregator can name the job's
-    fit); a record already there (written by the run, or by an earlier run) is left as it is."""
+    error and what names the job's networks (``about``: the config groups picked and the
+    replicas' seeds, so that the aggregator can list it as the run would have been); a record
+    already there (written by the run, or by an earlier run) is left as it is."""
     if (Path(run_dir) / RECORD_NAME).exists():
         return
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     record = {"status": "failed", "error": f"{type(error).__name__}: {error}", "config": config}
-    record["choices"] = choices or {}
-    atomic_write_json(Path(run_dir) / RECORD_NAME, record)
+    atomic_write_json(Path(run_dir) / RECORD_NAME, {"choices": {}} | record | (about or {}))
 
 
-def mark_interrupted(run_dir: Path, config: dict[str, Any], signal_name: str) -> None:
+def mark_interrupted(
+    run_dir: Path, config: dict[str, Any], signal_name: str, about: dict | None = None
+) -> None:
     """A run stopped by a signal before its loop (set-up): the record says ``interrupted``,
     with ``interrupted_by``, where there was none or where one said ``running`` (left by this
     run, or by a process killed before); any other is left as it is, and so is a folder that
-    another process holds. Best effort: a write that fails leaves the record as it was."""
+    another process holds. A new record also keeps ``about``, as :func:`mark_failed` does.
+    Best effort: a write that fails leaves the record as it was."""
     try:
         with RunLock(run_dir):
             record = read_record(run_dir)
             if record is not None and record.get("status") != "running":
                 return
             stopped = {"status": "interrupted", "interrupted_by": signal_name}
-            record = {**stopped, "config": config} if record is None else record | stopped
+            if record is None:
+                record = {"choices": {}, **stopped, "config": config} | (about or {})
+            else:
+                record = record | stopped
             atomic_write_json(Path(run_dir) / RECORD_NAME, record)
     except (RunLocked, OSError):
         return  # another process runs there, or the disk refuses the record

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -186,13 +187,28 @@ def train(
         with interrupts_raise():
             return _train(cfg, run_dir, choices, clock)
     except Interrupted as stop:
-        mark_interrupted(run_dir, _config_of(cfg), signal.Signals(stop.signum).name)
+        name = signal.Signals(stop.signum).name
+        mark_interrupted(run_dir, _config_of(cfg), name, _about(cfg, choices))
         raise
     except (OSError, RunLocked, CheckpointError):
         raise  # nothing to add to the record: it keeps its last good state
     except Exception as error:
-        mark_failed(run_dir, _config_of(cfg), error, choices)
+        mark_failed(run_dir, _config_of(cfg), error, _about(cfg, choices))
         raise
+
+
+def _about(cfg: DictConfig, choices: dict[str, str] | None) -> dict:
+    """What names a run's networks in a record it could not open itself: the config groups
+    picked and, where the seed and the replica count are valid (at most the 4096 replicas that
+    keep seeds apart, :func:`replica_seed`), the replicas' seeds."""
+    about: dict[str, Any] = {"choices": choices or {}}
+    try:
+        seed, replicas = cfg.seed, cfg.replicas
+    except Exception:  # an interpolation that cannot resolve
+        return about
+    if isinstance(seed, int) and isinstance(replicas, int) and 0 < replicas <= 4096:
+        about["replica_seeds"] = [replica_seed(seed, r) for r in range(replicas)]
+    return about
 
 
 def _config_of(cfg: DictConfig) -> dict:

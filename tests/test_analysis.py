@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from randfeat_torch.analysis import (
     aggregate,
     expected_jobs,
+    in_number_order,
     laziness_rows,
     movement_table,
     threshold_table,
@@ -223,8 +224,26 @@ def test_a_sweep_over_d_gets_a_movement_power_per_d():
         }
     )
     slopes = movement_table(laziness_rows(rows)).set_index("series")["slope"]
+    assert slopes.index.tolist() == ["trainable d=4", "trainable d=16"]  # d in number order
     assert slopes["trainable d=4"] == pytest.approx(-0.5, abs=1e-12)
     assert slopes["trainable d=16"] == pytest.approx(-0.25, abs=1e-12)
+
+
+def test_series_names_sort_by_their_numbers():
+    names = ["trainable alpha=0.5", "trainable alpha=10", "trainable alpha=0.25", "frozen"]
+    assert in_number_order(names) == [
+        "frozen",
+        "trainable alpha=0.25",
+        "trainable alpha=0.5",
+        "trainable alpha=10",
+    ]
+    assert in_number_order(["nn d=16", "nn d=4", "nn d=8", "nn"]) == [
+        "nn",
+        "nn d=4",
+        "nn d=8",
+        "nn d=16",
+    ]
+    assert in_number_order(["a alpha=1e-05", "a alpha=0.001"]) == ["a alpha=1e-05", "a alpha=0.001"]
 
 
 def test_theory_lines_that_coincide_are_drawn_and_named_once():

@@ -230,6 +230,8 @@ def test_sigterm_outside_the_loop_stops_the_run_and_says_so(make_cfg, tmp_path, 
     record = json.loads((tmp_path / RECORD_NAME).read_text())
     assert record["status"] == "interrupted" and record["interrupted_by"] == "SIGTERM"
     assert record["config"]  # this run's where it had no record, else the killed run's
+    if where == "set-up":  # a record of its own names the networks it would have trained
+        assert record["replica_seeds"] == [cfg.seed] and record["choices"] == {}
 
 
 def test_an_error_in_the_initial_evaluation_leaves_a_failed_record(make_cfg, tmp_path, monkeypatch):

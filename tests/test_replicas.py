@@ -7,10 +7,12 @@ import json
 import pytest
 import torch
 
+from randfeat_torch.analysis import read_records
 from randfeat_torch.cli import load_config
-from randfeat_torch.config import ConfigError
+from randfeat_torch.config import ConfigError, DataError
 from randfeat_torch.models import TwoLayerNet
 from randfeat_torch.targets import replica_seed
+from randfeat_torch.trainer import train
 from tests.conftest import SMALL
 
 BASE = ["steps=60", "eval_every=30", "replicas=3", "seed=5"]
@@ -55,6 +57,18 @@ def test_the_record_names_each_replicas_seed(run):
     result = run("replicas=3", "seed=7", "steps=2", "eval_every=1")
     record = json.loads((result.run_dir / "metrics.json").read_text())
     assert record["replica_seeds"] == [7, 7 + 2**20, 7 + 2**21]
+
+
+def test_a_run_that_fails_in_set_up_still_names_each_replicas_seed(make_cfg, tmp_path):
+    """Before, a failed record had no seeds, and the aggregator listed seed + r for it."""
+    cfg = make_cfg("replicas=3", "seed=7", "target.bias=-100")  # a constant target: refused
+    with pytest.raises(DataError):
+        train(cfg, tmp_path / "run", choices={"model": "trainable"})
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["status"] == "failed" and record["choices"] == {"model": "trainable"}
+    assert record["replica_seeds"] == [7, 7 + 2**20, 7 + 2**21]
+    rows = read_records(tmp_path).table
+    assert rows["replica_seed"].tolist() == record["replica_seeds"]
 
 
 def test_independent_replicas_see_different_data(run):
