@@ -7,6 +7,7 @@ and missing runs are listed in the summary and left out of the plots.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -817,6 +818,60 @@ def plot_lazy_scale(lazy: pd.DataFrame) -> plt.Figure | None:
     )
 
 
+SCALE_NAME = "lazy_scale.csv"
+SCALE_KEY = "model.lazy_scale"
+SCALE_MEASURES = ("w_movement", "linearization_distance", "kernel_distance")
+
+
+def scale_table(lazy: pd.DataFrame) -> pd.DataFrame:
+    """The local power of each laziness measure in the lazy scale alpha, between neighbouring
+    alphas of the grid: k = log(m(alpha') / m(alpha)) / log(alpha' / alpha) for each network
+    (one seed and replica, the same init at every alpha, so that the two are paired), and the
+    mean and 95% t interval over the networks, per target, model, d and width. The lazy limit
+    alpha -> infinity predicts k -> -1 for the movement; a mean squared distance that shrinks
+    like the square of the movement has k -> -2. Zero measures are left out (no power)."""
+    if SCALE_KEY not in lazy or lazy[SCALE_KEY].nunique() < 2:
+        return pd.DataFrame()
+    scaled = lazy[lazy[SCALE_KEY].notna()].copy()
+    # map(str), not astype(str): pandas 3 keeps a missing data_seed (None) as NaN there
+    network = scaled["replica_seed"].map(str)
+    if "data_seed" in scaled:
+        network += "/" + scaled["data_seed"].map(str)
+    scaled["network"] = network
+    scaled["alpha"] = scaled[SCALE_KEY].astype(float)
+    keys = ["target", "model", "d", "width"]
+    rows = []
+    for point, frame in scaled.groupby(keys, sort=True):
+        alphas = np.sort(frame["alpha"].unique())
+        for measure in (m for m in SCALE_MEASURES if m in frame):
+            values = frame.pivot_table(index="network", columns="alpha", values=measure)
+            values = values.reindex(columns=alphas)  # a scale with no value is a NaN column
+            for low, high in itertools.pairwise(alphas):
+                pair = values[[low, high]].dropna()
+                pair = pair[(pair > 0).all(axis=1)]
+                if pair.empty:
+                    continue
+                powers = np.log(pair[high] / pair[low]).to_numpy() / math.log(high / low)
+                mean, k_low, k_high = mean_interval(powers)
+                rows.append(
+                    dict(zip(keys, point, strict=True))
+                    | {"measure": measure, "alpha": low, "alpha_next": high}
+                    | {"k": mean, "k_low": k_low, "k_high": k_high, "networks": len(powers)}
+                )
+    return pd.DataFrame(rows)
+
+
+def summarise_scale(powers: pd.DataFrame) -> list[str]:
+    """Summary lines of the local powers of the laziness measures in the lazy scale."""
+    if powers.empty:
+        return []
+    return [
+        "laziness measure ~ alpha^k between neighbouring lazy scales (mean over networks, 95% "
+        "interval; the lazy limit predicts k -> -1 for the movement):",
+        powers.to_string(index=False, float_format=lambda v: f"{v:.3g}"),
+    ]
+
+
 def summarise_laziness(slopes: pd.DataFrame) -> list[str]:
     """Summary lines of the fitted powers of the first layer's movement."""
     if slopes.empty:
@@ -1083,7 +1138,7 @@ def aggregate(root: Path | str, eps: float = 0.1, out: Path | str | None = None)
     needed = pd.DataFrame(columns=["label", "d", "width_needed"])
     paths, path_needed, growth = pd.DataFrame(), pd.DataFrame(), pd.DataFrame()
     trained, lazy, slopes = pd.DataFrame(), pd.DataFrame(), pd.DataFrame()
-    thresholds = pd.DataFrame()
+    thresholds, powers = pd.DataFrame(), pd.DataFrame()
     if not table.empty:
         table["label"] = _label(table)
         columns = ["run", "replica", "status", "label", *GROUPS, *swept, "d", "width"]
@@ -1130,6 +1185,9 @@ def aggregate(root: Path | str, eps: float = 0.1, out: Path | str | None = None)
             slopes = movement_table(lazy)
             if not slopes.empty:
                 slopes.to_csv(out / LAZINESS_NAME, index=False)
+            powers = scale_table(lazy)
+            if not powers.empty:
+                powers.to_csv(out / SCALE_NAME, index=False)
             plots |= {
                 "movement_vs_width": plot_movement_vs_width(lazy, slopes),
                 "distances_vs_width": plot_distances_vs_width(lazy),
@@ -1138,6 +1196,7 @@ def aggregate(root: Path | str, eps: float = 0.1, out: Path | str | None = None)
             }
         figures = _save_figures({k: v for k, v in plots.items() if v is not None}, out, root)
     extra = summarise_growth(path_needed, growth, trained) + summarise_laziness(slopes)
+    extra += summarise_scale(powers)
     extra += summarise_precision(thresholds)
     summary = summarise(table, problems, swept, needed, eps, extra)
     (out / SUMMARY_NAME).write_text(summary)

@@ -19,10 +19,12 @@ from randfeat_torch.analysis import (
     in_number_order,
     laziness_rows,
     movement_table,
+    scale_table,
     threshold_table,
     width_to_reach,
 )
 from randfeat_torch.record import atomic_write_json
+from randfeat_torch.stats import mean_interval
 from scripts.aggregate import main as aggregate_main
 
 
@@ -227,6 +229,41 @@ def test_a_sweep_over_d_gets_a_movement_power_per_d():
     assert slopes.index.tolist() == ["trainable d=4", "trainable d=16"]  # d in number order
     assert slopes["trainable d=4"] == pytest.approx(-0.5, abs=1e-12)
     assert slopes["trainable d=16"] == pytest.approx(-0.25, abs=1e-12)
+
+
+def test_the_lazy_scale_power_is_paired_over_networks_between_neighbouring_scales():
+    alphas, own = [1.0, 10.0, 100.0], [-1.0, -0.9, -0.8]  # each network its own power
+    rows = pd.DataFrame(
+        [
+            {
+                "target": "t",
+                "model": "trainable",
+                "d": 4,
+                "width": 64,
+                "replica_seed": r,
+                "data_seed": None,  # the default: the run's seed
+                "model.lazy_scale": alpha,
+                "w_movement": 10.0**r * alpha**k,  # far apart in size: unpaired would blur k
+                "linearization_distance": 0.0 if alpha == 100 else alpha**-2,
+                "kernel_distance": math.nan if alpha == 1 else alpha**-2,  # not measured at 1
+            }
+            for r, k in enumerate(own)
+            for alpha in alphas
+        ]
+    )
+    table = scale_table(rows)
+    moved = table[table["measure"] == "w_movement"]
+    assert moved[["alpha", "alpha_next"]].values.tolist() == [[1, 10], [10, 100]]
+    expected = mean_interval(np.array(own))
+    for _, row in moved.iterrows():
+        assert (row["k"], row["k_low"], row["k_high"]) == pytest.approx(expected, abs=1e-9)
+        assert row["networks"] == 3
+    # a zero distance has no power: only the neighbours 1 and 10 are fitted
+    distance = table[table["measure"] == "linearization_distance"]
+    assert distance["alpha"].tolist() == [1.0] and distance["k"].tolist() == pytest.approx([-2])
+    kernel = table[table["measure"] == "kernel_distance"]
+    assert kernel["alpha"].tolist() == [10.0] and kernel["k"].tolist() == pytest.approx([-2])
+    assert scale_table(rows[rows["model.lazy_scale"] == 1.0]).empty  # one scale: no power
 
 
 def test_series_names_sort_by_their_numbers():

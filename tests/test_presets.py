@@ -142,6 +142,21 @@ def test_lazy_vs_active_small_the_ntk_net_moves_less_as_it_widens(tmp_path):
 
 
 @pytest.mark.slow
+def test_lazy_scale_small_the_movement_tends_to_one_over_alpha(tmp_path):
+    table = run_preset("lazy_scale_small", tmp_path, ["lazy_scale"])
+    assert (table["status"] == "ok").all() and len(table) == 3 * 2  # three scales, 2 replicas
+    powers = pd.read_csv(tmp_path / "lazy_scale_small" / "lazy_scale.csv")
+    moved = powers[powers["measure"] == "w_movement"].set_index("alpha")
+    assert moved["alpha_next"].tolist() == [3, 30] and (moved["networks"] == 2).all()
+    # The lazy limit: the first layer moves like 1/alpha as alpha grows, and not before.
+    low, high = moved.loc[0.3, "k"], moved.loc[3, "k"]
+    assert -1 < low < 0 and abs(high + 1) < abs(low + 1)
+    assert (
+        "laziness measure ~ alpha^k" in (tmp_path / "lazy_scale_small" / "summary.txt").read_text()
+    )
+
+
+@pytest.mark.slow
 def test_bsgd_precision_small_exact_gradients_beat_the_coarsest(tmp_path):
     plots = ["error_vs_precision", "threshold_precision", "steps_to_error"]
     table = run_preset("bsgd_precision_small", tmp_path, plots)
