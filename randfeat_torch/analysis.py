@@ -26,7 +26,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from randfeat_torch.config import GROUPS
-from randfeat_torch.record import METRICS, NOT_IN_FINGERPRINT, RECORD_NAME
+from randfeat_torch.record import METRICS, NOT_IN_FINGERPRINT, RECORD_NAME, with_added_keys
 from randfeat_torch.stats import fit_growth, mean_interval, width_to_reach
 from randfeat_torch.sweeps import expand
 from randfeat_torch.targets import replica_seed
@@ -164,7 +164,7 @@ def read_records(root: Path) -> Records:
         status = record.get("status", "unknown")
         if status != "ok":
             problems.append({"run": run, "status": status, "error": record.get("error", "")})
-        config = _flatten(record.get("config") or {})
+        config = _flatten(with_added_keys(record.get("config") or {}))
         choices = record.get("choices") or {}
         metrics = record.get("metrics") or {}
         theory = record.get("theory") or {}
@@ -827,21 +827,24 @@ def scale_table(lazy: pd.DataFrame) -> pd.DataFrame:
     """The local power of each laziness measure in the lazy scale alpha, between neighbouring
     alphas of the grid: k = log(m(alpha') / m(alpha)) / log(alpha' / alpha) for each network
     (one seed and replica, the same init at every alpha, so that the two are paired), and the
-    mean and 95% t interval over the networks, per target, model, d and width. The lazy limit
+    mean and 95% t interval over the networks, per target, model, d, width and any other key
+    that the sweep varies (a parameterization, a rate). The lazy limit
     alpha -> infinity predicts k -> -1 for the movement; a mean squared distance that shrinks
     like the square of the movement has k -> -2. Zero measures are left out (no power)."""
     if SCALE_KEY not in lazy or lazy[SCALE_KEY].nunique() < 2:
         return pd.DataFrame()
     scaled = lazy[lazy[SCALE_KEY].notna()].copy()
+    keys = ["target", "model", "d", "width"]
+    not_a_point = {*keys, SCALE_KEY, *SEED_KEYS, "label", "series"}
+    keys += [k for k in swept_keys(scaled) if k not in not_a_point]
     # map(str), not astype(str): pandas 3 keeps a missing data_seed (None) as NaN there
-    network = scaled["replica_seed"].map(str)
+    network = scaled["replica"].map(str) + "/" + scaled["replica_seed"].map(str)
     if "data_seed" in scaled:
         network += "/" + scaled["data_seed"].map(str)
     scaled["network"] = network
     scaled["alpha"] = scaled[SCALE_KEY].astype(float)
-    keys = ["target", "model", "d", "width"]
     rows = []
-    for point, frame in scaled.groupby(keys, sort=True):
+    for point, frame in scaled.groupby(keys, sort=True, dropna=False):
         alphas = np.sort(frame["alpha"].unique())
         for measure in (m for m in SCALE_MEASURES if m in frame):
             values = frame.pivot_table(index="network", columns="alpha", values=measure)
@@ -868,7 +871,7 @@ def summarise_scale(powers: pd.DataFrame) -> list[str]:
     return [
         "laziness measure ~ alpha^k between neighbouring lazy scales (mean over networks, 95% "
         "interval; the lazy limit predicts k -> -1 for the movement):",
-        powers.to_string(index=False, float_format=lambda v: f"{v:.3g}"),
+        powers.to_string(index=False, float_format=lambda v: f"{v:.4g}"),
     ]
 
 

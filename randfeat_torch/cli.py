@@ -409,13 +409,15 @@ class JobsFailed(CompactHydraException):
     exception, without a traceback. The message is read from the sweep's records when it is
     printed, so that it names every job that did not finish and why."""
 
-    def __init__(self, sweep_dir: str) -> None:
-        super().__init__(sweep_dir)  # the only argument: it pickles back from a worker
-        self.sweep_dir = sweep_dir
+    def __init__(self, sweep_dir: str, first: str = "") -> None:
+        super().__init__(sweep_dir, first)  # the arguments: it pickles back from a worker
+        self.sweep_dir, self.first = sweep_dir, first
 
     def __str__(self) -> str:
         records = sweep_records(self.sweep_dir)
         unfinished = {name: r for name, r in records.items() if r.get("status") != "ok"}
+        if not unfinished:  # a job that refused to run over a finished record
+            return f"every job's record says ok, but jobs failed; the first: {self.first}"
         lines = [f"{len(unfinished)} of {len(records)} jobs did not finish:"]
         lines += [
             f"  {name}: {r.get('status')} ({r.get('error')})" for name, r in unfinished.items()
@@ -433,9 +435,10 @@ class ReportJobs(Callback):
             return
         error = job_return._return_value  # (return_value would print Hydra's own line first)
         job = f"job {config.hydra.job.num} ({config.hydra.job.override_dirname or 'defaults'})"
-        print(f"[{job}: failed: {type(error).__name__}: {error}]", file=sys.stderr, flush=True)
+        failure = f"{type(error).__name__}: {error}"
+        print(f"[{job}: failed: {failure}]", file=sys.stderr, flush=True)
         if config.hydra.launcher.get("_target_") in RAISING_LAUNCHERS:
-            job_return.return_value = JobsFailed(str(config.hydra.sweep.dir))
+            job_return.return_value = JobsFailed(str(config.hydra.sweep.dir), failure)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """From the records, so that it holds whichever launcher ran the jobs."""
@@ -446,26 +449,36 @@ class ReportJobs(Callback):
 
 def run(cfg: DictConfig) -> float:
     """Train in Hydra's output dir; return the final test error (mean over replicas).
-    A run whose record says ``ok`` is not trained again (``resume=false`` to force it); a job
-    that raises still leaves a record with ``status: failed`` and the error."""
-    from randfeat_torch.record import finished_error, read_record
+    A run whose record says ``ok`` is not trained again (``resume=false`` to force it), unless
+    that record was written for another config: then the run refuses (:class:`StaleRecord`)
+    and leaves it; a job that raises still leaves a record with ``status: failed`` and the
+    error."""
+    from randfeat_torch.record import StaleRecord, config_difference, finished_error, read_record
     from randfeat_torch.trainer import Interrupted, train
 
     runtime = HydraConfig.get().runtime
     run_dir = Path(runtime.output_dir)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     done = read_record(run_dir) if cfg.resume else None
     error = finished_error(done)
     if done and done.get("status") == "ok" and error is None:
         print(f"[rerun] {run_dir}: its record says ok but holds no test error", flush=True)
     if error is not None:
-        print(
-            f"[skip] {run_dir} is finished (status ok, test error {error:.4g}); "
-            "resume=false trains it again",
-            flush=True,
-        )
-        return error
+        now = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        difference = config_difference(done.get("config") or {}, now)
+        if difference is None:
+            print(
+                f"[skip] {run_dir} is finished (status ok, test error {error:.4g}); "
+                "resume=false trains it again",
+                flush=True,
+            )
+            return error
+        stale = StaleRecord(run_dir, difference)
+        if multirun:
+            raise stale  # the sweep goes on and lists it (see ReportJobs)
+        print(stale, file=sys.stderr)
+        sys.exit(2)
     choices = group_choices(runtime.choices)
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         result = train(cfg, run_dir, choices)  # a failure leaves a record saying so
     except Interrupted as stop:  # during set-up or a closed-form fit: nothing to resume from

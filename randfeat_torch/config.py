@@ -42,6 +42,7 @@ OutputInit = _choices("OutputInit", "gaussian zero")
 Schedule = _choices("Schedule", "constant cosine")
 Device = _choices("Device", "auto cpu cuda")
 ReplicaData = _choices("ReplicaData", "shared independent")
+ReplicaInit = _choices("ReplicaInit", "independent shared")
 Loss = _choices("Loss", "mse hinge logistic")
 Backward = _choices("Backward", "analytic autograd")
 InputName = _choices("InputName", "gaussian sphere hypercube")
@@ -235,6 +236,9 @@ class TrainConfig:
     data_seed: int | None = None
     replicas: int = 1
     replica_data: ReplicaData = ReplicaData.shared
+    # independent: replica r starts from replica_seed(seed, r); shared: every replica from
+    # seed, for a comparison paired on the init (one precision or rate per replica)
+    replica_init: ReplicaInit = ReplicaInit.independent
     steps: int = 2000
     batch_size: int = 256
     n_train: int | None = None
@@ -311,6 +315,8 @@ THREADS_MAX = 1024  # torch.set_num_threads: 30000 fail to start here, 100000 cr
 
 def validate(cfg: DictConfig) -> None:
     """Check values and combinations; raise :class:`ConfigError` on the first bad one."""
+    for key in ("replica_data", "replica_init"):  # an interpolation is typed when read
+        cfg[key]
     ridge = cfg.optimizer.name == "ridge"
     if cfg.model.name == "kernel":
         _validate_kernel(cfg)
@@ -354,6 +360,34 @@ def validate(cfg: DictConfig) -> None:
     _validate_target(cfg)
     _validate_model(cfg)
     _validate_optimizer(cfg)
+    _validate_replica_init(cfg)  # after the per-replica lists' own checks
+
+
+def _validate_replica_init(cfg: DictConfig) -> None:
+    """Replicas from one init must differ in something else, or they are one network R times."""
+    if cfg.replica_init != "shared" or cfg.replicas == 1:
+        return
+    opt = cfg.optimizer
+    lists = [list(v) for k in ("lr", "grad_precision") if isinstance(v := opt.get(k), ListConfig)]
+    if cfg.replica_data == "independent" and not opt.get("population", False):
+        return  # each replica its own data
+    if not lists:
+        raise ConfigError(
+            "replica_init",
+            "shared",
+            "starts every replica from one init, so they need something else of their own: "
+            "a list in optimizer.lr or optimizer.grad_precision (one value per replica), or "
+            "replica_data=independent",
+        )
+    own = [tuple(values) for values in zip(*lists, strict=True)]
+    if len(set(own)) < len(own):
+        twice = next(v for v in own if own.count(v) > 1)
+        raise ConfigError(
+            "replica_init",
+            "shared",
+            f"starts every replica from one init, and two replicas have the same values "
+            f"{list(twice)} in the per-replica lists: they would be one network twice",
+        )
 
 
 # A ReLU neuron's labels reach about 6 norm + |bias| on 10^4 Gaussian inputs; in float32 their

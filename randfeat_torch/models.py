@@ -19,7 +19,8 @@ net at its init, trained on the loss / alpha^2.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import numbers
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +67,8 @@ OUTPUT_MULTIPLIERS: dict[str, Callable[[int], float]] = {
 class TwoLayerNet(nn.Module):
     """R replicas of a two-layer net; parameters w: (R, width, d), b: (R, width),
     a: (R, width), c: (R,). Replica r is initialised from ``replica_seed(seed, r)`` (see
-    :func:`randfeat_torch.targets.replica_seed`)."""
+    :func:`randfeat_torch.targets.replica_seed`), or from ``seed[r]`` where ``seed`` is a list
+    of R seeds."""
 
     def __init__(
         self,
@@ -79,7 +81,7 @@ class TwoLayerNet(nn.Module):
         init: str = "gaussian",
         parameterization: str = "ntk",
         output_init: str = "gaussian",
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         device: torch.device | str = "cpu",
         lazy_scale: float | None = None,
     ) -> None:
@@ -93,9 +95,15 @@ class TwoLayerNet(nn.Module):
         self.multiplier = OUTPUT_MULTIPLIERS[parameterization](width)
         a_std = 1.0 / math.sqrt(width) if parameterization == "standard" else 1.0
 
+        if isinstance(seed, numbers.Integral):
+            seeds = [replica_seed(int(seed), r) for r in range(replicas)]
+        elif len(seed) == replicas:
+            seeds = list(seed)
+        else:
+            raise ValueError(f"seed: {len(seed)} seeds for {replicas} replicas")
         w, b, a = [], [], []
         for r in range(replicas):
-            gen = make_generator(device, replica_seed(seed, r), stream=1)
+            gen = make_generator(device, seeds[r], stream=1)
             w_r = torch.randn(width, d, generator=gen, device=device)
             w_r = w_r / w_r.norm(dim=1, keepdim=True) if init == "sphere" else w_r / math.sqrt(d)
             w.append(w_r)
@@ -314,10 +322,11 @@ class LinearizedNet(nn.Module):
 
 
 def build_model(
-    cfg: DictConfig, seed: int, device: torch.device
+    cfg: DictConfig, seed: int | Sequence[int], device: torch.device
 ) -> TwoLayerNet | LinearizedNet | KernelModel:
     """The model of the ``model`` config group: the net (trainable or frozen), its
-    linearization at init, or the kernel of their width-infinity limit (``kernel``)."""
+    linearization at init, or the kernel of their width-infinity limit (``kernel``).
+    ``seed``: the run's seed, or each replica's (:class:`TwoLayerNet`)."""
     if cfg.name == "kernel":
         return KernelModel(kernel_spec(cfg), cfg.replicas, device)
     net = TwoLayerNet(

@@ -168,6 +168,17 @@ def finished_error(record: dict[str, Any] | None) -> float | None:
     return sum(values) / len(values)
 
 
+class StaleRecord(UserError):
+    """A finished record in the run folder that another config wrote."""
+
+    def __init__(self, run_dir: Path, difference: str) -> None:
+        super().__init__(
+            f"cannot run in {run_dir}: its finished record was written for {difference}; "
+            "resume=false trains it again there (replacing that record), or choose another "
+            "folder (hydra.run.dir or hydra.sweep.dir)"
+        )
+
+
 class RunLocked(UserError):
     """Another process holds the run folder."""
 
@@ -293,8 +304,25 @@ def _per_replica(values: torch.Tensor) -> float | list[float | None] | None:
     return floats[0] if len(floats) == 1 else floats
 
 
+# Config keys added after records were first written, with the value that every run had
+# before: a saved config without one is read as holding it.
+ADDED_KEYS = {"replica_init": "independent"}
+
+
+def with_added_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved config as this version names it (:data:`ADDED_KEYS` filled in)."""
+    return ADDED_KEYS | config
+
+
 def _fingerprint(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in NOT_IN_FINGERPRINT}
+
+
+def config_difference(saved: dict[str, Any], config: dict[str, Any]) -> str | None:
+    """Where a saved config (a checkpoint's or a record's) differs from this run's, as
+    'key=saved (this run: value)', the first key in order; None where they are the same run
+    (the keys of :data:`NOT_IN_FINGERPRINT` left out)."""
+    return _first_difference(_fingerprint(with_added_keys(saved)), _fingerprint(config))
 
 
 def _first_difference(saved: Any, now: Any, key: str = "") -> str | None:
@@ -337,7 +365,7 @@ def load_checkpoint(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | N
         raise CheckpointError(
             path, f"has format {version}, this version reads {CHECKPOINT_VERSION}"
         )
-    difference = _first_difference(saved, _fingerprint(config))
+    difference = config_difference(saved, config)
     if difference:
         raise CheckpointError(path, f"was written for {difference}")
     return checkpoint

@@ -197,6 +197,14 @@ def train(
         raise
 
 
+def init_seeds(cfg: DictConfig) -> list[int]:
+    """Each replica's init seed: ``replica_seed(seed, r)``, or the run's seed for every replica
+    with ``replica_init=shared``."""
+    if cfg.replica_init == "shared":
+        return [cfg.seed] * cfg.replicas
+    return [replica_seed(cfg.seed, r) for r in range(cfg.replicas)]
+
+
 def _about(cfg: DictConfig, choices: dict[str, str] | None) -> dict:
     """What names a run's networks in a record it could not open itself: the config groups
     picked and, where the seed and the replica count are valid (at most the 4096 replicas that
@@ -204,10 +212,10 @@ def _about(cfg: DictConfig, choices: dict[str, str] | None) -> dict:
     about: dict[str, Any] = {"choices": choices or {}}
     try:
         seed, replicas = cfg.seed, cfg.replicas
-    except Exception:  # an interpolation that cannot resolve
+        if isinstance(seed, int) and isinstance(replicas, int) and 0 < replicas <= 4096:
+            about["replica_seeds"] = init_seeds(cfg)
+    except Exception:  # an interpolation that cannot resolve: the record names no seeds
         return about
-    if isinstance(seed, int) and isinstance(replicas, int) and 0 < replicas <= 4096:
-        about["replica_seeds"] = [replica_seed(seed, r) for r in range(replicas)]
     return about
 
 
@@ -232,7 +240,7 @@ def _train(
     device = resolve_device(cfg.device)
     target = build_target(cfg.target, device)
     test_set = TestSet(cfg, target, device)
-    model = build_model(cfg.model, cfg.seed, device)
+    model = build_model(cfg.model, init_seeds(cfg), device)
     data = training_data(cfg, target, device)
     exact = exact_moments(cfg, target, model)
     # A population width path holds the exact errors itself, at every width.
@@ -270,7 +278,7 @@ def _fit(
             **({"learning_rates": loop.learning_rates} if loop else {}),
             device=str(device),
             torch_threads=torch.get_num_threads(),
-            replica_seeds=[replica_seed(cfg.seed, r) for r in range(cfg.replicas)],
+            replica_seeds=init_seeds(cfg),
             normaliser=test_set.normaliser,
             theory=theory,
             choices=choices or {},

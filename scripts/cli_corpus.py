@@ -125,6 +125,8 @@ REFUSED = [
     c("device=cuda:0"),
     c("backward=fast"),
     c("replica_data=other"),
+    c("replica_init=other"),
+    c("replicas=3", "replica_init=shared"),
     c("steps_to_error=[0.1,-1]", names=("steps_to_error.1=-1",)),
     c("steps_to_error=abc"),
     # group keys: types and ranges

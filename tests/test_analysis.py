@@ -240,6 +240,7 @@ def test_the_lazy_scale_power_is_paired_over_networks_between_neighbouring_scale
                 "model": "trainable",
                 "d": 4,
                 "width": 64,
+                "replica": 0,
                 "replica_seed": r,
                 "data_seed": None,  # the default: the run's seed
                 "model.lazy_scale": alpha,
@@ -264,6 +265,17 @@ def test_the_lazy_scale_power_is_paired_over_networks_between_neighbouring_scale
     kernel = table[table["measure"] == "kernel_distance"]
     assert kernel["alpha"].tolist() == [10.0] and kernel["k"].tolist() == pytest.approx([-2])
     assert scale_table(rows[rows["model.lazy_scale"] == 1.0]).empty  # one scale: no power
+
+    # Another parameterization of the same seeds is its own point, not the same networks; and
+    # replicas of one init (replica_init=shared) are each their own network.
+    other = rows.assign(**{"model.parameterization": "mean_field", "w_movement": 1.0})
+    both = pd.concat([rows.assign(**{"model.parameterization": "ntk"}), other])
+    both = both.assign(replica=both["replica_seed"], replica_seed=0)
+    moved = scale_table(both).query("measure == 'w_movement'")
+    by_scaling = moved.set_index(["model.parameterization", "alpha"])
+    assert by_scaling.loc[("mean_field", 1.0), "k"] == pytest.approx(0, abs=1e-12)
+    assert by_scaling.loc[("ntk", 1.0), "k"] == pytest.approx(-0.9)
+    assert (moved["networks"] == 3).all()
 
 
 def test_series_names_sort_by_their_numbers():

@@ -238,6 +238,45 @@ def test_folders_come_from_the_overrides_and_a_rerun_finds_its_runs(tmp_path):
     assert len(list((tmp_path / "outputs" / "multirun").iterdir())) == 1
 
 
+def test_a_finished_record_of_another_config_is_refused_not_skipped_nor_replaced(tmp_path):
+    """Before, a rerun skipped any job whose record said ok, even one that a config edited in
+    a yaml file since (the same folder name) would have trained otherwise."""
+    run_dir = tmp_path / "run"
+    assert app(*SMALL, f"hydra.run.dir={run_dir}", cwd=tmp_path).returncode == 0
+    record = json.loads((run_dir / "metrics.json").read_text())
+    del record["config"]["replica_init"]  # as a record written before the key was added
+    (run_dir / "metrics.json").write_text(json.dumps(record))
+    again = app(*SMALL, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert again.returncode == 0 and f"[skip] {run_dir} is finished" in again.stdout
+
+    record["config"]["steps"] = 99  # as if the yaml had said steps: 99 then
+    (run_dir / "metrics.json").write_text(json.dumps(record))
+    refused = app(*SMALL, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip() == (
+        f"cannot run in {run_dir}: its finished record was written for steps=99 (this run: "
+        "20); resume=false trains it again there (replacing that record), or choose another "
+        "folder (hydra.run.dir or hydra.sweep.dir)"
+    )
+    assert json.loads((run_dir / "metrics.json").read_text()) == record  # left as it was
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", *SMALL, "d=4,6", f"hydra.sweep.dir={sweep}"]
+    assert app(*args, cwd=tmp_path).returncode == 0
+    path = next(sweep.glob("*/metrics.json"))
+    stale = json.loads(path.read_text())
+    stale["config"]["steps"] = 99
+    path.write_text(json.dumps(stale))
+    rerun = app(*args, cwd=tmp_path)
+    assert rerun.returncode == 1 and "Traceback" not in rerun.stderr
+    assert rerun.stdout.count("[skip]") == 1
+    assert "every job's record says ok, but jobs failed; the first: StaleRecord: cannot run" in (
+        rerun.stderr
+    )
+    assert json.loads(path.read_text()) == stale
+    assert app(*args, "resume=false", cwd=tmp_path).returncode == 0  # trains both again
+
+
 def test_an_output_dir_that_cannot_be_written_is_refused(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")

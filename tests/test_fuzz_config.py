@@ -20,6 +20,7 @@ KEYS = [
     "data_seed",
     "replicas",
     "replica_data",
+    "replica_init",
     "steps",
     "batch_size",
     "n_train",
@@ -114,6 +115,10 @@ def assert_runnable(cfg: DictConfig) -> None:
     for key, low in (("data_seed", 0), ("n_train", 1), ("checkpoint_every", 1), ("threads", 1)):
         assert cfg[key] is None or cfg[key] >= low, key
     assert cfg.replica_data in ("shared", "independent")
+    assert cfg.replica_init in ("independent", "shared")
+    if cfg.replica_init == "shared" and cfg.replicas > 1:  # one init: something else apart
+        lists = [cfg.optimizer.get(k) for k in ("lr", "grad_precision")]
+        assert cfg.replica_data == "independent" or any(isinstance(v, ListConfig) for v in lists)
     assert cfg.device in ("auto", "cpu") or torch.cuda.is_available()
     assert (cfg.target.d, cfg.model.d) == (cfg.d, cfg.d)
     assert (cfg.model.width, cfg.model.replicas) == (cfg.width, cfg.replicas)

@@ -163,6 +163,7 @@ def test_bsgd_precision_small_exact_gradients_beat_the_coarsest(tmp_path):
     assert (table["status"] == "ok").all()
     nets = table[table["fit"] == "nn_bsgd_nearest"]
     assert len(nets) == 2 * 7  # two d, seven precisions
+    assert (nets["replica_seed"] == 0).all()  # seed 0: the precisions on its one init
     error = nets.groupby(["target", "d", "optimizer.grad_precision"])["test_error"].mean()
     for d in (6, 10):
         exact, coarsest = error[("parity_k2", d, 0.0)], error[("parity_k2", d, 1.0)]

@@ -119,9 +119,39 @@ def test_one_gradient_precision_per_replica_equals_separate_runs(run):
         assert close(batched.metrics["test_error"][r], single.metrics["test_error"][0]), r
 
 
+def test_a_shared_init_compares_the_precisions_on_one_network(run):
+    plain = [*BASE, "optimizer.momentum=0"]
+    batched = run(*plain, "replicas=2", "replica_init=shared", "optimizer.grad_precision=[0,0.01]")
+    record = json.loads((batched.run_dir / "metrics.json").read_text())
+    assert record["replica_seeds"] == [5, 5]
+    for r, precision in enumerate(["null", "0.01"]):
+        single = run(*plain, "replicas=1", f"optimizer.grad_precision={precision}")
+        assert close(batched.metrics["test_error"][r], single.metrics["test_error"][0]), r
+    # one init, and yet two networks by the end: the precision alone set them apart
+    assert batched.metrics["test_error"][0] != batched.metrics["test_error"][1]
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        (
+            ["replicas=2", "replica_init=shared"],
+            "replica_init=shared (starts every replica from one init, so they need",
+        ),
+        (
+            # a population fit draws no data: independent data would not tell them apart
+            [
+                *["replicas=2", "replica_init=shared", "replica_data=independent"],
+                *["model=frozen", "optimizer=ridge", "optimizer.population=true"],
+            ],
+            "replica_init=shared (starts every replica from one init",
+        ),
+        (["replica_init=mixed"], "replica_init=mixed (allowed: independent, shared)"),
+        (["replica_data=${d}"], "Invalid value '8', expected one of [shared, independent])"),
+        (
+            ["replicas=2", "replica_init=shared", "optimizer.grad_precision=[0.1,0.1]"],
+            "two replicas have the same values [0.1] in the per-replica lists",
+        ),
         (
             ["replicas=2", "optimizer.grad_precision=[0.1]"],
             "a list needs one precision per replica: 2 numbers (0: exact)",
