@@ -210,12 +210,10 @@ def _about(cfg: DictConfig, choices: dict[str, str] | None) -> dict:
     picked and, where the seed and the replica count are valid (at most the 4096 replicas that
     keep seeds apart, :func:`replica_seed`), the replicas' seeds."""
     about: dict[str, Any] = {"choices": choices or {}}
-    try:
+    with contextlib.suppress(Exception):  # an interpolation that cannot resolve: no seeds
         seed, replicas = cfg.seed, cfg.replicas
         if isinstance(seed, int) and isinstance(replicas, int) and 0 < replicas <= 4096:
             about["replica_seeds"] = init_seeds(cfg)
-    except Exception:  # an interpolation that cannot resolve: the record names no seeds
-        return about
     return about
 
 
