@@ -32,10 +32,11 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from randfeat_torch.config import ConfigError, OutputError, UserError, validate
+from randfeat_torch.config import ConfigError, OutputError, UserError
 from randfeat_torch.paths import CONFIG_DIR, SWEEP_DIR_VARIABLE, register_resolvers
 from randfeat_torch.sweeps import (
     BASIC_SWEEPER,
+    check_composed,
     check_jobs,
     compose_job,
     hydra_configs,
@@ -56,7 +57,7 @@ def load_config(overrides: list[str]) -> DictConfig:
     value and what is allowed (Hydra's and OmegaConf's own errors translated)."""
     cfg = compose_job(overrides)
     with one_sentence(overrides):
-        validate(cfg)
+        check_composed(cfg, overrides)
     return cfg
 
 

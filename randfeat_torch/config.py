@@ -315,8 +315,6 @@ THREADS_MAX = 1024  # torch.set_num_threads: 30000 fail to start here, 100000 cr
 
 def validate(cfg: DictConfig) -> None:
     """Check values and combinations; raise :class:`ConfigError` on the first bad one."""
-    for key in ("replica_data", "replica_init"):  # an interpolation is typed when read
-        cfg[key]
     ridge = cfg.optimizer.name == "ridge"
     if cfg.model.name == "kernel":
         _validate_kernel(cfg)
@@ -368,9 +366,9 @@ def _validate_replica_init(cfg: DictConfig) -> None:
     if cfg.replica_init != "shared" or cfg.replicas == 1:
         return
     opt = cfg.optimizer
-    lists = [list(v) for k in ("lr", "grad_precision") if isinstance(v := opt.get(k), ListConfig)]
     if cfg.replica_data == "independent" and not opt.get("population", False):
         return  # each replica its own data
+    lists = [list(v) for k in ("lr", "grad_precision") if isinstance(v := opt.get(k), ListConfig)]
     if not lists:
         raise ConfigError(
             "replica_init",

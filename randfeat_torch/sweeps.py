@@ -463,13 +463,24 @@ class Composer:
         return cfg
 
 
+def check_composed(cfg: DictConfig, overrides: list[str]) -> None:
+    """:func:`validate` a config composed with ``overrides``; where one of them interpolates
+    (``loss=${d}``), resolve the whole config first: OmegaConf checks an interpolation's type
+    only when it is read, so a bad one would pass here and fail in the run. (The configs'
+    own interpolations are tested; resolving every config would cost a sweep's check a third
+    more.)"""
+    if any("${" in o for o in overrides):
+        OmegaConf.to_container(cfg, resolve=True)
+    validate(cfg)
+
+
 def check_jobs(jobs: list[list[str]]) -> None:
     """Compose (:class:`Composer`) and validate every job; the first bad one raises
     :class:`ConfigError`."""
     compose = Composer()
     for job in jobs:
         with one_sentence(job):
-            validate(compose(job))
+            check_composed(compose(job), job)
 
 
 def rerun_hint() -> list[str]:

@@ -255,3 +255,10 @@ def test_cuda_without_cuda_is_refused(run):
         pytest.skip("this machine has CUDA")
     with pytest.raises(ConfigError, match="invalid config: device=cuda"):
         run("device=cuda")
+
+
+@pytest.mark.parametrize("key", ["loss", "device", "optimizer.schedule", "model.activation"])
+def test_an_interpolation_of_the_wrong_type_is_refused_before_the_run(key):
+    """Before, OmegaConf typed it only when read: the run failed with Hydra's error."""
+    with pytest.raises(ConfigError, match=rf"^invalid config: {re.escape(key)}=\$\{{d\}} \("):
+        load_config([f"{key}=${{d}}"])
