@@ -264,22 +264,26 @@ class TrainConfig:
     optimizer: Any = MISSING
 
 
+# The schema of each config group's options: (group, schema name, dataclass).
+SCHEMAS = (
+    ("target", "relu_neuron", ReluNeuronConfig),
+    ("target", "polynomial", PolynomialConfig),
+    ("target", "zigzag", ZigzagConfig),
+    ("target", "parity", ParityConfig),
+    ("input", "input", InputConfig),
+    ("optimizer", "ridge", RidgeConfig),
+    ("model", "two_layer", ModelConfig),
+    ("model", "kernel", KernelModelConfig),
+    ("optimizer", "sgd", SGDConfig),
+    ("optimizer", "adam", AdamConfig),
+)
+
+
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore (under ``schema/``, out of the option lists)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
-    for group, name, node in (
-        ("target", "relu_neuron", ReluNeuronConfig),
-        ("target", "polynomial", PolynomialConfig),
-        ("target", "zigzag", ZigzagConfig),
-        ("target", "parity", ParityConfig),
-        ("input", "input", InputConfig),
-        ("optimizer", "ridge", RidgeConfig),
-        ("model", "two_layer", ModelConfig),
-        ("model", "kernel", KernelModelConfig),
-        ("optimizer", "sgd", SGDConfig),
-        ("optimizer", "adam", AdamConfig),
-    ):
+    for group, name, node in SCHEMAS:
         cs.store(group=f"schema/{group}", name=name, node=node)
 
 

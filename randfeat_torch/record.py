@@ -7,6 +7,7 @@ only; the TensorBoard file is for looking at curves.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import json
@@ -26,7 +27,7 @@ from tensorboard.summary.writer import event_file_writer
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
-from randfeat_torch.config import CheckpointError, UserError, base_lr
+from randfeat_torch.config import SCHEMAS, CheckpointError, UserError, base_lr
 
 RECORD_NAME = "metrics.json"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -304,14 +305,42 @@ def _per_replica(values: torch.Tensor) -> float | list[float | None] | None:
     return floats[0] if len(floats) == 1 else floats
 
 
-# Config keys added after records were first written, with the value that every run had
-# before: a saved config without one is read as holding it.
-ADDED_KEYS = {"replica_init": "independent"}
+# Config keys added after records were first compared, with the value that every run had
+# before: a saved config without one is read as holding it. A top-level key is named as it is
+# (``replica_init``), a field of a group's option as ``group.field`` (``optimizer.momentum``).
+# A key the config gains must be named here, or the records and checkpoints written before it
+# are refused as another config's (tests/test_resume.py checks the config's keys against the
+# keys it had when records were first compared).
+ADDED_KEYS: dict[str, Any] = {"replica_init": "independent"}
+
+
+def _option_has(group: str, saved: dict[str, Any], field: str) -> bool:
+    """Whether the option that wrote a saved group config has ``field``. Its schema is the one
+    of the group whose fields hold every saved key and whose own ``name`` is the saved name
+    (model=kernel's), else the smallest such (a frozen model's, not model=kernel's, which
+    extends it)."""
+    fitting = []
+    for g, _, node in SCHEMAS:
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if g == group and set(saved) <= set(fields):
+            named = str(getattr(fields["name"].default, "value", fields["name"].default))
+            fitting.append((named != saved.get("name"), len(fields), set(fields)))
+    return bool(fitting) and field in min(fitting, key=lambda fit: fit[:2])[2]
 
 
 def with_added_keys(config: dict[str, Any]) -> dict[str, Any]:
-    """A saved config as this version names it (:data:`ADDED_KEYS` filled in)."""
-    return ADDED_KEYS | config
+    """A saved config as this version names it: each key of :data:`ADDED_KEYS` that it lacks,
+    with its old value, where the saved config's option has that key."""
+    filled = dict(config)
+    for key, old in ADDED_KEYS.items():
+        group, _, field = key.rpartition(".")
+        if not group:
+            filled.setdefault(field, old)
+            continue
+        saved = filled.get(group)
+        if isinstance(saved, dict) and field not in saved and _option_has(group, saved, field):
+            filled[group] = {**saved, field: old}
+    return filled
 
 
 def _fingerprint(config: dict[str, Any]) -> dict[str, Any]:

@@ -3,6 +3,7 @@ uninterrupted one; corrupt and mismatched checkpoints are refused and left as th
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -17,9 +18,15 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.summary.writer import event_file_writer
 
-from randfeat_torch.config import CheckpointError
+from randfeat_torch.config import SCHEMAS, CheckpointError, TrainConfig
 from randfeat_torch.data import Batches
-from randfeat_torch.record import CHECKPOINT_NAME
+from randfeat_torch.record import (
+    ADDED_KEYS,
+    CHECKPOINT_NAME,
+    NOT_IN_FINGERPRINT,
+    config_difference,
+    with_added_keys,
+)
 from randfeat_torch.trainer import train
 from tests.conftest import ROOT, SMALL
 
@@ -176,6 +183,68 @@ def test_a_checkpoint_of_another_config_is_refused(make_cfg, tmp_path):
     assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before
     fresh = train(make_cfg("steps=20", "eval_every=10", "width=32", "resume=false"), tmp_path)
     assert fresh.status == "ok"
+
+
+# The config's keys when records and checkpoints were first compared with a run's config
+# (record.config_difference): the top-level keys, and group.field for the fields of each
+# group's options. A key added since is read in older records as record.ADDED_KEYS says.
+COMPARED_KEYS = {
+    *("d", "width", "seed", "data_seed", "replicas", "replica_data", "steps", "batch_size"),
+    *("n_train", "n_test", "eval_every", "checkpoint_every", "checkpoint_every_s", "resume"),
+    *("loss", "steps_to_error", "lazy_probe", "device", "threads", "backward", "compile"),
+    *("progress", "aggregate", "input.name", "target.a", "target.bias", "target.d"),
+    *("target.degree", "target.include_lower", "target.k", "target.name", "target.norm"),
+    *("target.seed", "target.terms", "model.activation", "model.bias", "model.d"),
+    *("model.init", "model.kernel", "model.lazy_scale", "model.name", "model.output_init"),
+    *("model.parameterization", "model.replicas", "model.width", "optimizer.betas"),
+    *("optimizer.chunk_size", "optimizer.eps", "optimizer.gcv_penalties"),
+    *("optimizer.grad_clamp", "optimizer.grad_precision", "optimizer.gram_products"),
+    *("optimizer.lr", "optimizer.lr_scaling", "optimizer.momentum", "optimizer.name"),
+    *("optimizer.nesterov", "optimizer.penalty", "optimizer.penalty_scale"),
+    *("optimizer.population", "optimizer.schedule", "optimizer.stochastic_rounding"),
+    *("optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.width_path"),
+}
+
+
+def test_every_key_the_config_gained_since_records_were_compared_has_its_old_value():
+    groups = {"input", "target", "model", "optimizer", "vars"}
+    top = {f.name for f in dataclasses.fields(TrainConfig)} - groups
+    now = top | {f"{g}.{f.name}" for g, _, node in SCHEMAS for f in dataclasses.fields(node)}
+    gained = now - COMPARED_KEYS - set(NOT_IN_FINGERPRINT)
+    assert gained <= set(ADDED_KEYS), (
+        f"keys added to the config: {sorted(gained - set(ADDED_KEYS))}; name the value every "
+        "run had before each in record.ADDED_KEYS, or older records are refused"
+    )
+    assert set(ADDED_KEYS) <= now
+    assert not COMPARED_KEYS - now, (
+        f"keys removed from the config: {sorted(COMPARED_KEYS - now)}; the records that hold "
+        "them are refused as another config's"
+    )
+
+
+def test_a_saved_config_reads_a_field_added_since_where_its_option_has_that_field(monkeypatch):
+    monkeypatch.setattr(
+        "randfeat_torch.record.ADDED_KEYS",
+        {"replica_init": "independent", "optimizer.gram_products": "float64", "model.kernel": "rf"},
+    )
+    ridge = {"name": "ridge", "penalty": 1e-8, "gram_products": "float64"}
+    sgd = {"name": "sgd", "lr": 0.2, "momentum": 0.9}
+    kernel = {"name": "kernel", "width": 64, "kernel": "rf"}
+    frozen = {"name": "frozen", "width": 64}
+    now = {"seed": 0, "replica_init": "independent", "optimizer": ridge, "model": kernel}
+    old = {"seed": 0, "optimizer": {**ridge}, "model": {**kernel}}
+    del old["optimizer"]["gram_products"], old["model"]["kernel"]
+    assert with_added_keys(old) == now
+    assert config_difference(old, now) is None
+    faster = {**now, "optimizer": {**ridge, "gram_products": "float32"}}
+    assert config_difference(old, faster) == "optimizer.gram_products=float64 (this run: float32)"
+    # sgd has no gram_products, a frozen model no kernel: nothing is added to them
+    plain = {"seed": 0, "optimizer": sgd, "model": frozen}
+    assert with_added_keys(plain) == {**plain, "replica_init": "independent"}
+    assert config_difference(plain, {**plain, "replica_init": "independent"}) is None
+    assert config_difference(plain, {**plain, "replica_init": "shared"}) == (
+        "replica_init=independent (this run: shared)"
+    )
 
 
 @pytest.mark.slow
