@@ -908,9 +908,11 @@ def precision_rows(ok: pd.DataFrame) -> pd.DataFrame:
 
 
 def threshold_table(rows: pd.DataFrame, goal: float = PRECISION_GOAL) -> pd.DataFrame:
-    """Per target, rounding, d and seed: the largest precision c at which the net's test error
-    is at or below ``goal`` (0: only the exact gradient got there; NaN: not even that), the
-    coarsest c of the grid, and the steps the exact net took to reach ``goal``."""
+    """Per target, rounding, d and seed: the largest precision c at which the net's final test
+    error is at or below ``goal`` (0: only the exact gradient got there; NaN: not even that),
+    the coarsest c of the grid, and the first evaluated step at which the exact net's error was
+    at or below ``goal`` (a net may cross it and end above it: then its steps are a number and
+    its threshold NaN)."""
     steps = f"steps_to_error.{goal:g}"
     out = []
     for (target, rounding, d, seed), frame in rows.groupby(
@@ -1024,7 +1026,9 @@ def plot_steps_to_error(thresholds: pd.DataFrame) -> plt.Figure | None:
 
 
 def summarise_precision(thresholds: pd.DataFrame) -> list[str]:
-    """Summary lines: the threshold precision and the exact net's steps, per point."""
+    """Summary lines: the threshold precision and the exact net's steps, per point, with the
+    number of seeds whose final error reached the goal at some precision (the min and max are
+    over those)."""
     if thresholds.empty:
         return []
     table = thresholds.groupby(["target", "rounding", "d"]).agg(
@@ -1033,10 +1037,13 @@ def summarise_precision(thresholds: pd.DataFrame) -> list[str]:
         exact_error=("exact_error", "mean"),
         exact_steps=("exact_steps", "mean"),
         seeds=("seed", "count"),
+        reached=("threshold_precision", "count"),
     )
     return [
-        f"largest gradient precision c whose net reaches test error {PRECISION_GOAL:g} (min and"
-        " max over seeds; NaN: not even the exact net), and the exact net's error and steps:",
+        f"largest gradient precision c whose net ends at test error {PRECISION_GOAL:g} or below"
+        " (min and max over the seeds that reached it, their number in 'reached'; NaN: none, not"
+        f" even the exact net), the exact net's final error, and its first step at or below"
+        f" {PRECISION_GOAL:g} (mean over seeds; a net may cross it and end above):",
         table.to_string(float_format=lambda v: f"{v:.3g}"),
     ]
 

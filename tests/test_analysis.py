@@ -20,6 +20,7 @@ from randfeat_torch.analysis import (
     laziness_rows,
     movement_table,
     scale_table,
+    summarise_precision,
     threshold_table,
     width_to_reach,
 )
@@ -183,7 +184,16 @@ def test_threshold_precision_is_the_coarsest_grid_point_that_reaches_the_goal():
     assert table.loc[8, "exact_steps"] == 300 and table.loc[12, "exact_steps"] == 700
     assert (table["coarsest"] == 1e-1).all()
     rows.loc[rows["d"] == 12, "test_error"] = 0.5  # not even exact: NaN, never 0
-    assert math.isnan(threshold_table(rows).set_index("d").loc[12, "threshold_precision"])
+    missed = threshold_table(rows)
+    assert math.isnan(missed.set_index("d").loc[12, "threshold_precision"])
+    # its exact net crossed 0.1 at step 700 and ended above it: the summary counts it as a seed
+    # that did not reach, not as one more seed behind the min and max
+    twice = pd.concat([missed, missed.assign(seed=1, threshold_precision=1e-1)])
+    summary = summarise_precision(twice)[1].splitlines()
+    assert summary[0].split()[-2:] == ["seeds", "reached"]
+    cells = {line.split()[-7]: line.split()[-6:] for line in summary[2:]}
+    assert cells["8"] == ["0.01", "0.1", "0.01", "300", "2", "2"]
+    assert cells["12"] == ["0.1", "0.1", "0.5", "700", "2", "1"]
 
 
 def test_the_movement_power_is_fitted_to_the_mean_at_each_width():
