@@ -19,6 +19,7 @@ from randfeat_torch.analysis import (
     in_number_order,
     laziness_rows,
     movement_table,
+    read_records,
     scale_table,
     summarise_precision,
     threshold_table,
@@ -124,6 +125,21 @@ def test_a_failed_record_that_names_no_group_is_listed_and_labelled_unknown(swee
     assert (table.loc[table["run"] == "8_failed", "label"] == "?").all()
     assert set(table.loc[table["status"] == "ok", "label"]) == {"frozen", "trainable"}
     assert "RuntimeError: boom" in result.summary
+
+
+def test_a_record_written_before_a_key_was_added_reads_as_its_old_value(sweep):
+    # the fixture's records have no replica_init, as records written before the key; one says it
+    path = next(
+        p for p in sorted(sweep.glob("*/metrics.json")) if '"status": "ok"' in p.read_text()
+    )
+    record = json.loads(path.read_text())
+    assert "replica_init" not in record["config"]
+    record["config"]["replica_init"] = "shared"
+    atomic_write_json(path, record)
+    table = read_records(sweep).table
+    named = table["run"] == path.parent.name
+    assert (table.loc[named, "replica_init"] == "shared").all()
+    assert (table.loc[~named, "replica_init"] == "independent").all()
 
 
 def test_aggregate_writes_every_plot_and_logs_them_to_tensorboard(sweep):
@@ -275,6 +291,23 @@ def test_the_lazy_scale_power_is_paired_over_networks_between_neighbouring_scale
     kernel = table[table["measure"] == "kernel_distance"]
     assert kernel["alpha"].tolist() == [10.0] and kernel["k"].tolist() == pytest.approx([-2])
     assert scale_table(rows[rows["model.lazy_scale"] == 1.0]).empty  # one scale: no power
+    # the rows in any order: the neighbours are the sorted scales; two scales: one power
+    backwards = scale_table(rows.iloc[::-1]).query("measure == 'w_movement'")
+    assert backwards[["alpha", "alpha_next"]].values.tolist() == [[1, 10], [10, 100]]
+    two = scale_table(rows[rows["model.lazy_scale"] < 100]).query("measure == 'w_movement'")
+    assert two[["alpha", "alpha_next"]].values.tolist() == [[1, 10]]
+    # a network missing a measure at one scale is left out of that pair, and not counted
+    gap = rows.copy()
+    gap.loc[(gap["replica_seed"] == 0) & (gap["model.lazy_scale"] == 10), "w_movement"] = math.nan
+    pairs = scale_table(gap).query("measure == 'w_movement'").set_index("alpha")
+    assert pairs["networks"].tolist() == [2, 2]
+    assert pairs["k"].tolist() == pytest.approx([-0.85, -0.85])
+    # two data streams of one init are two networks, each with its own power
+    streams = rows[rows["replica_seed"] < 2].assign(data_seed=rows["replica_seed"], replica_seed=5)
+    moved = scale_table(streams).query("measure == 'w_movement'")
+    assert moved["networks"].tolist() == [2, 2] and moved["k"].tolist() == pytest.approx(
+        [-0.95] * 2
+    )
 
     # Another parameterization of the same seeds is its own point, not the same networks; and
     # replicas of one init (replica_init=shared) are each their own network.

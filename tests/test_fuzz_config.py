@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from omegaconf import DictConfig, ListConfig
 
@@ -73,6 +73,8 @@ WORDS = st.one_of(
             "[0.1,-1]",
             "cuda",
             "cpu",
+            "shared",
+            "independent",
             "nan",
             "inf",
             "${d}",
@@ -92,6 +94,9 @@ OVERRIDE = st.tuples(st.sampled_from(KEYS), st.one_of(NUMBERS, WORDS)).map(
     max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
 @given(st.lists(OVERRIDE, min_size=1, max_size=3))
+@example(["replicas=2", "replica_init=shared"])  # one network twice: refused
+@example(["replicas=2", "replica_init=shared", "replica_data=independent"])
+@example(["replicas=2", "replica_init=shared", "optimizer.lr=[0.1,0.1]"])  # the same rate twice
 def test_random_overrides_give_a_valid_config_or_one_sentence(overrides):
     try:
         cfg = load_config(["n_test=100", *overrides])
@@ -118,7 +123,10 @@ def assert_runnable(cfg: DictConfig) -> None:
     assert cfg.replica_init in ("independent", "shared")
     if cfg.replica_init == "shared" and cfg.replicas > 1:  # one init: something else apart
         lists = [cfg.optimizer.get(k) for k in ("lr", "grad_precision")]
-        assert cfg.replica_data == "independent" or any(isinstance(v, ListConfig) for v in lists)
+        each = [list(v) if isinstance(v, ListConfig) else [v] * cfg.replicas for v in lists]
+        values = list(zip(*each, strict=True))  # each replica's rate and precision
+        assert cfg.replica_data == "independent" or len(set(values)) == len(values)
+        assert not cfg.optimizer.get("population", False)
     assert cfg.device in ("auto", "cpu") or torch.cuda.is_available()
     assert (cfg.target.d, cfg.model.d) == (cfg.d, cfg.d)
     assert (cfg.model.width, cfg.model.replicas) == (cfg.width, cfg.replicas)

@@ -42,6 +42,12 @@ def test_replica_r_is_the_single_net_with_its_replica_seed():
     assert not torch.equal(many.w[0], many.w[1])
     x = torch.randn(9, 4)
     assert (many(x)[2] - one(x)[0]).abs().le(forward_rounding(one, x)[0]).all()
+    # a seed per replica: replica r is the single net of its seed; a list of another length
+    # is refused, not cycled or cut
+    listed = TwoLayerNet(d=4, width=6, replicas=2, seed=[replica_seed(10, 2), 10])
+    assert torch.equal(listed.w[0], one.w[0]) and torch.equal(listed.w[1], many.w[0])
+    with pytest.raises(ValueError, match="2 seeds for 3 replicas"):
+        TwoLayerNet(d=4, width=6, replicas=3, seed=[1, 2])
 
 
 def test_forward_is_the_formula():

@@ -6,13 +6,14 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from randfeat_torch.analysis import read_records
 from randfeat_torch.cli import load_config
 from randfeat_torch.config import ConfigError, DataError
 from randfeat_torch.models import TwoLayerNet
 from randfeat_torch.targets import replica_seed
-from randfeat_torch.trainer import train
+from randfeat_torch.trainer import _about, train
 from tests.conftest import SMALL
 
 BASE = ["steps=60", "eval_every=30", "replicas=3", "seed=5"]
@@ -69,6 +70,25 @@ def test_a_run_that_fails_in_set_up_still_names_each_replicas_seed(make_cfg, tmp
     assert record["replica_seeds"] == [7, 7 + 2**20, 7 + 2**21]
     rows = read_records(tmp_path).table
     assert rows["replica_seed"].tolist() == record["replica_seeds"]
+    # replica_init=shared: every replica starts from the seed's own init, and the record says so
+    one_init = make_cfg(
+        "replicas=3",
+        "seed=7",
+        "target.bias=-100",
+        "replica_init=shared",
+        "replica_data=independent",
+    )
+    with pytest.raises(DataError):
+        train(one_init, tmp_path / "shared")
+    record = json.loads((tmp_path / "shared" / "metrics.json").read_text())
+    assert record["status"] == "failed" and record["replica_seeds"] == [7, 7, 7]
+
+
+def test_a_seed_that_cannot_resolve_leaves_the_seeds_out_not_the_record():
+    broken = OmegaConf.create({"seed": "${nowhere}", "replicas": 2, "replica_init": "independent"})
+    assert _about(broken, {"model": "frozen"}) == {"choices": {"model": "frozen"}}
+    plain = OmegaConf.create({"seed": 3, "replicas": 2, "replica_init": "independent"})
+    assert _about(plain, None) == {"choices": {}, "replica_seeds": [3, 3 + 2**20]}
 
 
 def test_independent_replicas_see_different_data(run):

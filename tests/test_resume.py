@@ -245,6 +245,12 @@ def test_a_saved_config_reads_a_field_added_since_where_its_option_has_that_fiel
     assert config_difference(plain, {**plain, "replica_init": "shared"}) == (
         "replica_init=independent (this run: shared)"
     )
+    # a saved value is never replaced by the old one
+    saved = {**plain, "replica_init": "shared"}
+    assert with_added_keys(saved) == saved
+    assert config_difference(saved, {**plain, "replica_init": "independent"}) == (
+        "replica_init=shared (this run: independent)"
+    )
 
 
 @pytest.mark.slow

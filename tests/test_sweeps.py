@@ -62,6 +62,12 @@ def test_a_bad_value_that_only_a_preset_sweep_brings_is_refused():
         )
 
 
+def test_a_job_whose_override_interpolates_into_a_typed_key_is_refused_before_the_sweep():
+    check_jobs([["d=4"], ["d=4", "width=${d}"]])  # an interpolation that types: fine
+    with pytest.raises(ConfigError, match=r"^invalid config: loss=\$\{d\} \(.*expected one of"):
+        check_jobs([["d=4"], ["d=4", "loss=${d}"]])
+
+
 def test_machine_checks_wait_for_the_job_of_a_sweep(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     import torch
