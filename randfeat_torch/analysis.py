@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from randfeat_torch.config import GROUPS
+from randfeat_torch.config import GROUPS, PER_REPLICA_OPTIMIZER_KEYS
 from randfeat_torch.record import METRICS, NOT_IN_FINGERPRINT, RECORD_NAME, with_added_keys
 from randfeat_torch.stats import fit_growth, mean_interval, width_to_reach
 from randfeat_torch.sweeps import expand
@@ -101,7 +101,7 @@ def expected_jobs(root: Path) -> int | None:
         return None
 
 
-PER_REPLICA_LISTS = ("optimizer.lr", "optimizer.grad_precision")  # one value per replica
+PER_REPLICA_LISTS = tuple(f"optimizer.{k}" for k in PER_REPLICA_OPTIMIZER_KEYS)
 PER_REPLICA_KEYS = ("replicas", "model.replicas", *PER_REPLICA_LISTS)  # replaced by each replica's
 
 

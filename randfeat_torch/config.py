@@ -365,6 +365,10 @@ def validate(cfg: DictConfig) -> None:
     _validate_replica_init(cfg)  # after the per-replica lists' own checks
 
 
+# The optimizer keys that may hold one value per replica (a list of R values).
+PER_REPLICA_OPTIMIZER_KEYS = ("lr", "grad_precision")
+
+
 def _validate_replica_init(cfg: DictConfig) -> None:
     """Replicas from one init must differ in something else, or they are one network R times."""
     if cfg.replica_init != "shared" or cfg.replicas == 1:
@@ -372,7 +376,7 @@ def _validate_replica_init(cfg: DictConfig) -> None:
     opt = cfg.optimizer
     if cfg.replica_data == "independent" and not opt.get("population", False):
         return  # each replica its own data
-    lists = [list(v) for k in ("lr", "grad_precision") if isinstance(v := opt.get(k), ListConfig)]
+    lists = [list(v) for k in PER_REPLICA_OPTIMIZER_KEYS if isinstance(v := opt.get(k), ListConfig)]
     if not lists:
         raise ConfigError(
             "replica_init",
